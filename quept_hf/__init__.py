@@ -1,0 +1,26 @@
+"""quept_hf: QuEPT elastic-precision post-training quantization for Hugging Face Transformers.
+
+``import quept_hf`` registers quantization method ``"quept"`` with transformers, so
+``from_pretrained(..., quantization_config=quept_hf.QuEPTConfig(...))`` and loading a saved QuEPT
+model both work.
+"""
+
+from .config import QuEPTConfig
+from .nn import QuEPTLinear
+from .quantizer import QuEPTHfQuantizer, quantize_model, register
+from .switch import get_bits, quept_config, set_bits
+
+__version__ = "0.1.0"
+
+register()
+
+__all__ = [
+    "QuEPTConfig",
+    "QuEPTHfQuantizer",
+    "QuEPTLinear",
+    "__version__",
+    "get_bits",
+    "quantize_model",
+    "quept_config",
+    "set_bits",
+]

@@ -1,0 +1,21 @@
+"""Fake-quantization building blocks: the quantizer math and `QuEPTLinear`."""
+
+from .functional import (
+    CLIP_INIT,
+    fake_quantize_activation,
+    fake_quantize_weight,
+    quantize_weight_codes,
+    round_ste,
+)
+from .linear import FLOAT_BITS, QuEPTLinear, WeightDelta
+
+__all__ = [
+    "CLIP_INIT",
+    "FLOAT_BITS",
+    "QuEPTLinear",
+    "WeightDelta",
+    "fake_quantize_activation",
+    "fake_quantize_weight",
+    "quantize_weight_codes",
+    "round_ste",
+]

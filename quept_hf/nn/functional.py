@@ -1,0 +1,84 @@
+"""Fake-quantization math of QuEPT (spec section 1), as small differentiable tensor ops.
+
+Rounding uses a straight-through estimator (STE): the forward pass rounds, the backward pass lets the
+gradient through unchanged, so clipping logits and weight deltas can be learned through quantization.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CLIP_INIT = 4.0  # sigmoid(4) ~= 0.982: start from (almost) the full min/max range.
+_EPS = 1e-8
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round in the forward pass, identity in the backward pass."""
+    return x + (torch.round(x) - x).detach()
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    """Number of quantization groups per row (``group_size=-1``: one group, per output channel)."""
+    if group_size == -1 or group_size >= in_features:
+        return 1
+    return -(-in_features // group_size)
+
+
+def _group_view(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(out, in) -> (out, groups, size). The last group is padded by repeating the last column,
+    which leaves that group's min/max (and thus its scale) unchanged."""
+    out_features, in_features = weight.shape
+    groups = num_groups(in_features, group_size)
+    size = in_features if groups == 1 else group_size
+    pad = groups * size - in_features
+    if pad:
+        weight = torch.cat([weight, weight[:, -1:].expand(out_features, pad)], dim=1)
+    return weight.reshape(out_features, groups, size)
+
+
+def weight_qparams(
+    weight: torch.Tensor, bits: int, upper_logit: torch.Tensor, lower_logit: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and (STE-rounded) zero point of each (row, group), shape (out, groups, 1)."""
+    grouped = _group_view(weight, group_size)
+    xmax = torch.sigmoid(upper_logit).unsqueeze(-1) * grouped.amax(dim=-1, keepdim=True)
+    xmin = torch.sigmoid(lower_logit).unsqueeze(-1) * grouped.amin(dim=-1, keepdim=True)
+    scale = ((xmax - xmin) / (2**bits - 1)).clamp(min=_EPS)
+    zero = round_ste(-xmin / scale)
+    return scale, zero
+
+
+def quantize_weight_codes(
+    weight: torch.Tensor, bits: int, upper_logit: torch.Tensor, lower_logit: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer codes in [0, 2^bits - 1] (out, in), with the scale and zero point (out, groups)."""
+    scale, zero = weight_qparams(weight, bits, upper_logit, lower_logit, group_size)
+    grouped = _group_view(weight, group_size)
+    codes = torch.clamp(torch.round(grouped / scale) + zero, 0, 2**bits - 1)
+    codes = codes.reshape(weight.shape[0], -1)[:, : weight.shape[1]]
+    return codes.to(torch.uint8), scale.squeeze(-1), zero.squeeze(-1)
+
+
+def fake_quantize_weight(
+    weight: torch.Tensor, bits: int, upper_logit: torch.Tensor, lower_logit: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """Q_b(W) = s * (clamp(round(W/s) + z, 0, 2^b - 1) - z) with learnable clipping (spec section 1)."""
+    scale, zero = weight_qparams(weight, bits, upper_logit, lower_logit, group_size)
+    grouped = _group_view(weight, group_size)
+    codes = torch.clamp(round_ste(grouped / scale) + zero, 0, 2**bits - 1)
+    dequant = scale * (codes - zero)
+    return dequant.reshape(weight.shape[0], -1)[:, : weight.shape[1]]
+
+
+def fake_quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Dynamic per-token symmetric absmax quantization of the last dimension (spec section 1)."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = x.detach().abs().amax(dim=-1, keepdim=True).clamp(min=1e-5) / qmax
+    return torch.clamp(round_ste(x / scale), -qmax - 1, qmax) * scale
+
+
+def fake_quantize_activation_per_tensor(x: torch.Tensor, bits: int, scale: torch.Tensor) -> torch.Tensor:
+    """Per-tensor symmetric quantization with a learnable scale (ViT activations, spec section 1)."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = scale.abs().clamp(min=_EPS)
+    return torch.clamp(round_ste(x / scale), -qmax - 1, qmax) * scale
