@@ -5,7 +5,9 @@
 model both work.
 """
 
+from . import mbclora
 from .config import QuEPTConfig
+from .mbclora import MBCLoRAConfig
 from .nn import QuEPTLinear
 from .quantizer import QuEPTHfQuantizer, quantize_model, register
 from .switch import get_bits, quept_config, set_bits
@@ -13,8 +15,10 @@ from .switch import get_bits, quept_config, set_bits
 __version__ = "0.1.0"
 
 register()
+mbclora.register()
 
 __all__ = [
+    "MBCLoRAConfig",
     "QuEPTConfig",
     "QuEPTHfQuantizer",
     "QuEPTLinear",

@@ -106,6 +106,14 @@ class QuEPTLinear(nn.Module):
             raise ValueError(f"bit-width {bits} is not available for this layer; available: {self.bits}")
         self.active_bits = int(bits)
 
+    def restrict_to(self, bits: int) -> None:
+        """Keep one bit-width only (after merging an adapter): switching is disabled from then on."""
+        self.set_bits(bits)
+        self.bits = [bits]
+        for params in (self.clip_upper, self.clip_lower):
+            for key in [k for k in params if k != str(bits)]:
+                del params[key]
+
     @property
     def is_float(self) -> bool:
         return self.active_bits >= FLOAT_BITS

@@ -1,0 +1,109 @@
+"""`MBCLoRAModel`: the PEFT tuner that injects MB-CLoRA around every `QuEPTLinear`."""
+
+from __future__ import annotations
+
+import re
+
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from ..nn import QuEPTLinear
+from .config import MBCLoRAConfig
+from .layer import MBCLoRALayer
+
+
+class ElasticAdapters(dict):
+    """PEFT's ``peft_config`` dict, plus the bit-width names (``w4``, ``mixed-3.25``) as aliases.
+
+    Iterating it yields only the real (saved) elastic adapter, so ``save_pretrained`` writes ONE adapter that
+    holds every bit-width, while ``"w4" in peft_config`` and ``peft_config["w4"]`` make PEFT's and transformers'
+    ``set_adapter("w4")`` accept the bit-width names.
+    """
+
+    def _alias_root(self, key: object) -> str | None:
+        for root, config in dict.items(self):
+            if isinstance(config, MBCLoRAConfig) and key in config.adapter_names():
+                return root
+        return None
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, key) or self._alias_root(key) is not None
+
+    def __getitem__(self, key: str):
+        if dict.__contains__(self, key):
+            return dict.__getitem__(self, key)
+        root = self._alias_root(key)
+        if root is None:
+            raise KeyError(key)
+        return dict.__getitem__(self, root)
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+
+class MBCLoRAModel(BaseTuner):
+    """PEFT tuner of MB-CLoRA: one elastic adapter = one cascaded delta per bit-width, on every QuEPTLinear."""
+
+    prefix: str = "mbclora_"
+    tuner_layer_cls = MBCLoRALayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _pre_injection_hook(self, model: nn.Module, config: MBCLoRAConfig, adapter_name: str) -> None:
+        """Fill the defaults from the model's QuEPTConfig, and expose the bit-width adapter names."""
+        from ..switch import quept_config
+
+        quant = quept_config(model)
+        config.bit_groups = config.bit_groups or [list(g) for g in quant.bit_groups]
+        config.ranks = config.ranks or list(quant.ranks)
+        config.default_bits = config.default_bits or quant.default_bits
+        if config.bits != quant.bits:
+            raise ValueError(f"MBCLoRAConfig.bit_groups {config.bit_groups} do not cover the model's bits {quant.bits}")
+        if len(config.ranks) != len(config.bit_groups):
+            raise ValueError(f"MBCLoRAConfig.ranks={config.ranks} needs one rank per group of {config.bit_groups}")
+        if config.target_modules is None:
+            names = [name for name, m in model.named_modules() if isinstance(m, QuEPTLinear)]
+            config.target_modules = "|".join(re.escape(name) for name in names) if names else None
+        if not isinstance(self.peft_config, ElasticAdapters):
+            self.peft_config = ElasticAdapters(self.peft_config)
+        model.peft_config = self.peft_config
+
+    def _check_new_adapter_config(self, config: MBCLoRAConfig) -> None:
+        roots = [name for name, c in dict.items(self.peft_config) if isinstance(c, MBCLoRAConfig)]
+        if len(roots) > 1:
+            raise ValueError(
+                f"a model holds one elastic MB-CLoRA adapter (it already covers every bit-width); found {roots}"
+            )
+        super()._check_new_adapter_config(config)
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        if isinstance(target, MBCLoRALayer):
+            target.update_layer(adapter_name, config)
+            return
+        module_name = current_key.removeprefix("base_model.model.")
+        new_module = MBCLoRALayer(target, adapter_name, config, module_name=module_name)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        for module in self.model.modules():
+            if isinstance(module, MBCLoRALayer):
+                module.set_adapter(adapter_name)
+        self.active_adapter = adapter_name
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """``q_proj.mbclora_A.<adapter>.0`` <-> ``q_proj.mbclora_A.0`` (the slice index follows the name)."""
+        return re.sub(rf"(\.{cls.prefix}[AB])\.{re.escape(adapter_name)}(\.\d+)$", r"\1\2", key)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        model = super()._unload_and_optionally_merge(merge, progressbar, safe_merge, adapter_names)
+        if not merge:
+            return model
+        quant = getattr(getattr(model, "config", None), "quantization_config", None)
+        bits = {layer.active_bits for layer in model.modules() if isinstance(layer, QuEPTLinear)}
+        if quant is not None and len(bits) == 1:
+            (only,) = bits
+            quant.bits, quant.bit_groups, quant.default_bits = [only], [[only]], only
+            quant.group_size = {only: quant.group_size[only]}
+            quant.ranks = [quant.ranks[0]]
+            quant.merge_weights = [1.0]
+        return model
