@@ -132,7 +132,7 @@ class _CascadeDelta:
 
     def __init__(self, layer: MBCLoRALayer, bits: int):
         self.layer, self.bits = layer, bits
-        self.slices = [p for pair in zip(*layer.cascade_slices(bits)) for p in pair]
+        self.slices = [p for pair in zip(*layer.cascade_slices(bits), strict=True) for p in pair]
         self.requires_grad = any(p.requires_grad for p in self.slices)
 
     def __call__(self) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import ClassVar
 
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
@@ -38,7 +39,7 @@ class ElasticAdapters(dict):
         return dict.__getitem__(self, root)
 
     def get(self, key, default=None):
-        return self[key] if key in self else default
+        return self[key] if self.__contains__(key) else default
 
 
 class MBCLoRAModel(BaseTuner):
@@ -46,7 +47,7 @@ class MBCLoRAModel(BaseTuner):
 
     prefix: str = "mbclora_"
     tuner_layer_cls = MBCLoRALayer
-    target_module_mapping: dict[str, list[str]] = {}
+    target_module_mapping: ClassVar[dict[str, list[str]]] = {}
 
     def _pre_injection_hook(self, model: nn.Module, config: MBCLoRAConfig, adapter_name: str) -> None:
         """Fill the defaults from the model's QuEPTConfig, and expose the bit-width adapter names."""
