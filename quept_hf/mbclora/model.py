@@ -13,6 +13,9 @@ from .config import MBCLoRAConfig
 from .layer import MBCLoRALayer
 
 
+_BIT_LIKE = re.compile(r"^(w\d+|mixed-.*)$")
+
+
 class ElasticAdapters(dict):
     """PEFT's ``peft_config`` dict, plus the bit-width names (``w4``, ``mixed-3.25``) as aliases.
 
@@ -28,7 +31,13 @@ class ElasticAdapters(dict):
         return None
 
     def __contains__(self, key: object) -> bool:
-        return dict.__contains__(self, key) or self._alias_root(key) is not None
+        found = dict.__contains__(self, key) or self._alias_root(key) is not None
+        if not found and isinstance(key, str) and _BIT_LIKE.match(key):
+            # transformers/PEFT answer "not found among ['default']": name the bit-widths that do exist.
+            available = [n for c in dict.values(self) if isinstance(c, MBCLoRAConfig) for n in c.adapter_names()]
+            if available:
+                raise ValueError(f"adapter {key!r} does not exist: this elastic model provides {available}")
+        return found
 
     def __getitem__(self, key: str):
         if dict.__contains__(self, key):
