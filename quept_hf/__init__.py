@@ -6,9 +6,11 @@ model both work.
 """
 
 from . import mbclora
+from .calibration import calibrate
 from .config import QuEPTConfig
 from .mbclora import MBCLoRAConfig
 from .nn import QuEPTLinear
+from .packing import PackedLinear, export, pack_model
 from .quantizer import QuEPTHfQuantizer, quantize_model, register
 from .switch import get_bits, quept_config, set_bits
 
@@ -19,11 +21,15 @@ mbclora.register()
 
 __all__ = [
     "MBCLoRAConfig",
+    "PackedLinear",
     "QuEPTConfig",
     "QuEPTHfQuantizer",
     "QuEPTLinear",
     "__version__",
+    "calibrate",
+    "export",
     "get_bits",
+    "pack_model",
     "quantize_model",
     "quept_config",
     "set_bits",

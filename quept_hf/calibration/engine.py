@@ -1,0 +1,289 @@
+"""One-shot multi-bit calibration: block-wise reconstruction with three-tier bit sampling (spec sections 2-4).
+
+Peak memory: the model's weights, plus the calibration activations — three float tensors of
+``num_samples x seq_len x hidden`` (the float inputs X_fp, the quantized inputs X_q and the float targets)
+and one more while MB-ToMe builds the next X_q — all on the CPU; plus ONE block (its weights, MB-CLoRA
+slices, clipping logits, AdamW state and the autograd graph of ``batch_size`` samples per bit group) on the
+compute device (CUDA when available, else the CPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import QuEPTConfig
+from ..mbclora import MBCLoRAConfig, MBCLoRALayer, adapter_name_for_bits
+from ..models import Architecture, architecture_for
+from ..nn import FLOAT_BITS, QuEPTLinear
+from .capture import capture_block_kwargs, capture_first_block_inputs, to_device
+from .checkpoint import BlockCheckpoints
+from .data import describe, text_windows
+from .mbtome import merge_tokens
+
+logger = logging.getLogger(__name__)
+
+SETTINGS = (
+    "num_samples", "seq_len", "epochs", "batch_size", "lr_lora", "lr_clip", "loss",
+    "top_p", "merge_weights", "token_merge", "seed", "checkpoint_dir",
+)  # fmt: skip
+MIN_LR_RATIO = 0.01  # cosine schedule down to lr/100
+
+
+@dataclass
+class _Block:
+    """One Transformer block with the handles the engine needs."""
+
+    index: int
+    module: nn.Module
+    kwargs: dict
+    layers: dict[str, MBCLoRALayer]
+
+    def set_bits(self, bits: int) -> None:
+        for layer in self.layers.values():
+            if bits >= FLOAT_BITS:
+                layer.base_layer.set_bits(FLOAT_BITS)
+            else:
+                layer.set_adapter(adapter_name_for_bits(bits))
+
+    def trainable(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(MB-CLoRA slices, per-bit clipping logits) of the block."""
+        lora = [p for n, p in self.module.named_parameters() if "mbclora_" in n]
+        clips = [p for n, p in self.module.named_parameters() if ".clip_" in n]
+        return lora, clips
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.module.named_parameters() if "mbclora_" in n or ".clip_" in n}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = self.state()
+        missing = sorted(set(params) - set(state))
+        if missing:
+            raise ValueError(f"calibration checkpoint of block {self.index} lacks {missing[:4]}")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(state[name])
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.module(hidden, **self.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def calibrate(model: nn.Module, dataset: Any = None, tokenizer: Any = None, **overrides: Any) -> nn.Module:
+    """Calibrate a QuEPT model once for every bit-width of its config; returns the model (changed in place).
+
+    Args:
+        model: a model loaded with ``quantization_config=QuEPTConfig(...)`` (or a ``peft.PeftModel`` of one).
+        dataset: calibration data (see `quept_hf.calibration.data.text_windows`); default: the config's.
+        tokenizer: tokenizer for text data; default: the config's.
+        overrides: calibration settings replacing the config's for this run (``epochs=5``, ``lr_lora=...``).
+
+    Afterwards every bit-width adapter (``model.set_adapter("w2")`` ... ``"w8"``) is calibrated.
+    """
+    from ..switch import quept_config, set_bits
+
+    config = quept_config(model)
+    settings = _settings(config, overrides)
+    dataset = dataset if dataset is not None else config.dataset
+    tokenizer = tokenizer if tokenizer is not None else config.tokenizer
+    if dataset is None:
+        raise ValueError("calibrate() needs data: pass dataset=... (texts, a datasets.Dataset, a file or token ids)")
+    arch = architecture_for(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    _ensure_adapters(model, config, settings.seed)
+    batches = _model_batches(arch, dataset, tokenizer, settings)
+    _run(base, arch, batches, config, settings)
+    config.calibrated = True
+    config.dataset_description = describe(dataset)
+    for name in SETTINGS:
+        if name != "checkpoint_dir":
+            setattr(config, name, getattr(settings, name))
+    set_bits(model, config.default_bits)
+    return model
+
+
+def _settings(config: QuEPTConfig, overrides: dict) -> QuEPTConfig:
+    unknown = sorted(set(overrides) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"calibrate() got unknown setting(s) {unknown}; allowed: {list(SETTINGS)}")
+    merged = {**config.to_dict(), **overrides}
+    return QuEPTConfig.from_dict(merged)  # validates the overrides like any config
+
+
+def _ensure_adapters(model: nn.Module, config: QuEPTConfig, seed: int) -> None:
+    """Attach the elastic MB-CLoRA adapter when the model has none (seeded init, so runs are reproducible)."""
+    if any(isinstance(m, MBCLoRALayer) for m in model.modules()):
+        return
+    if hasattr(model, "get_base_model"):
+        raise ValueError("the PeftModel carries no MB-CLoRA adapter: build it with peft.get_peft_model(m, MBCLoRAConfig())")
+    adapter = MBCLoRAConfig(bit_groups=config.bit_groups, ranks=config.ranks, cascade=config.cascade)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model.add_adapter(adapter)
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def _model_batches(arch: Architecture, dataset: Any, tokenizer: Any, settings: QuEPTConfig) -> list[dict]:
+    if arch.input_kind != "text":
+        from .data import image_batches
+
+        return image_batches(dataset, tokenizer, settings)
+    ids = text_windows(dataset, tokenizer, settings.num_samples, settings.seq_len, settings.seed)
+    return [{"input_ids": ids[i : i + settings.batch_size]} for i in range(0, len(ids), settings.batch_size)]
+
+
+def _run(base: nn.Module, arch: Architecture, batches: list[dict], config: QuEPTConfig, settings: QuEPTConfig) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    forward_kwargs = dict(arch.forward_kwargs)
+    blocks = arch.blocks(base)
+    model_device = next(base.parameters()).device
+    batches = [to_device(b, model_device) for b in batches]
+    all_kwargs = capture_block_kwargs(base, blocks, batches[0], forward_kwargs)
+    x_fp = capture_first_block_inputs(base, blocks, batches, forward_kwargs)
+    x_q = x_fp.clone()
+    checkpoints = None
+    if settings.checkpoint_dir:
+        checkpoints = BlockCheckpoints(settings.checkpoint_dir, _fingerprint(settings, batches, len(blocks)))
+    done = checkpoints.completed() if checkpoints else 0
+    if done:
+        logger.info("QuEPT calibration resumes after block %d (checkpoint_dir=%s)", done, settings.checkpoint_dir)
+    for index in tqdm(range(len(blocks)), desc="QuEPT calibration (blocks)", unit="block"):
+        block = _Block(index, blocks[index], to_device(all_kwargs[index], device), _adapter_layers(blocks[index]))
+        block.module.to(device)
+        try:
+            y_fp = _forward_all(block, x_fp, FLOAT_BITS, settings.batch_size, device)
+            if index < done:
+                block.load_state(checkpoints.load(index))
+            else:
+                _train_block(block, x_q, y_fp, settings, _generator(settings.seed, index, "train"), device)
+                if checkpoints:
+                    checkpoints.save(index, block.state())
+            # Its own stream: a block restored from a checkpoint must draw the same MB-ToMe bits as a trained one.
+            x_q = _next_inputs(block, x_q, settings, _generator(settings.seed, index, "merge"), device)
+            x_fp = y_fp
+        finally:
+            block.module.to(model_device)
+            block.set_bits(config.default_bits)
+
+
+def _adapter_layers(block: nn.Module) -> dict[str, MBCLoRALayer]:
+    layers = {n: m for n, m in block.named_modules() if isinstance(m, MBCLoRALayer)}
+    bare = [n for n, m in block.named_modules() if isinstance(m, QuEPTLinear) and not n.endswith("base_layer")]
+    if bare:
+        raise ValueError(f"QuEPT layers without an MB-CLoRA adapter in the block: {bare[:4]}")
+    return layers
+
+
+@torch.no_grad()
+def _forward_all(block: _Block, x: torch.Tensor, bits: int, batch_size: int, device: torch.device) -> torch.Tensor:
+    block.set_bits(bits)
+    outs = [block(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(outs)
+
+
+def _train_block(
+    block: _Block,
+    x_q: torch.Tensor,
+    y_fp: torch.Tensor,
+    settings: QuEPTConfig,
+    generator: torch.Generator,
+    device: torch.device,
+) -> None:
+    """AdamW over (MB-CLoRA slices, clipping logits); each step samples one bit-width per group."""
+    lora, clips = block.trainable()
+    steps_per_epoch = math.ceil(len(x_q) / settings.batch_size)
+    total = settings.epochs * steps_per_epoch
+    if total == 0:
+        return
+    for p in lora + clips:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(
+        [{"params": lora, "lr": settings.lr_lora}, {"params": clips, "lr": settings.lr_clip}], weight_decay=0.0
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: _cosine(t, total))
+    progress = tqdm(total=total, desc=f"block {block.index}", leave=False, unit="step")
+    step = 0
+    try:
+        for _ in range(settings.epochs):
+            order = torch.randperm(len(x_q), generator=generator)
+            for start in range(0, len(x_q), settings.batch_size):
+                rows = order[start : start + settings.batch_size]
+                losses = _step(block, x_q[rows].to(device), y_fp[rows].to(device), settings, generator, step)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress.update()
+                progress.set_postfix({f"w{b}": f"{v:.4f}" for b, v in losses.items()})
+                step += 1
+    finally:
+        progress.close()
+        for p in lora + clips:
+            p.requires_grad_(False)
+    logger.debug("block %d calibrated: last losses %s", block.index, losses)
+
+
+def _step(
+    block: _Block, x: torch.Tensor, target: torch.Tensor, settings: QuEPTConfig, generator: torch.Generator, step: int
+) -> dict[int, float]:
+    """One forward per bit group at a bit-width drawn uniformly from it; the summed loss is backpropagated."""
+    losses = {}
+    for group in settings.bit_groups:
+        bits = group[int(torch.randint(len(group), (1,), generator=generator))]
+        block.set_bits(bits)
+        loss = _loss(block(x), target, settings.loss)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"QuEPT calibration diverged: non-finite loss in block {block.index} at {bits} bits, step {step} "
+                "(try a lower lr_lora / lr_clip, or check the model's float outputs for inf/NaN)"
+            )
+        loss.backward()
+        losses[bits] = loss.item()
+    return losses
+
+
+def _loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Summed over the hidden dimension, averaged over tokens (spec section 2)."""
+    diff = out.float() - target.float()
+    per_token = diff.abs().sum(-1) if kind == "l1" else diff.pow(2).sum(-1)
+    return per_token.mean()
+
+
+def _cosine(step: int, total: int) -> float:
+    return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+
+@torch.no_grad()
+def _next_inputs(
+    block: _Block, x_q: torch.Tensor, settings: QuEPTConfig, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """MB-ToMe: run the calibrated block once per group (a random bit each) and merge per token."""
+    chosen = [g[int(torch.randint(len(g), (1,), generator=generator))] for g in settings.bit_groups]
+    outputs = [_forward_all(block, x_q, bits, settings.batch_size, device) for bits in chosen]
+    return merge_tokens(outputs, settings.top_p, settings.merge_weights, settings.token_merge)
+
+
+def _generator(seed: int, index: int, stream: str) -> torch.Generator:
+    """Seeded generator of one block: ``"train"`` (batch order, bit sampling) or ``"merge"`` (MB-ToMe bits)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + index) * 2 + (stream == "merge"))
+
+
+def _fingerprint(settings: QuEPTConfig, batches: list[dict], num_blocks: int) -> dict:
+    """What a checkpoint_dir must match to be resumed: the settings, the number of blocks, and the data."""
+    keys = ("mode", "bits", "bit_groups", "ranks", "group_size", "cascade", *SETTINGS)
+    full = settings.to_dict()
+    digest = hashlib.sha256()
+    for batch in batches:
+        for name in sorted(batch):
+            digest.update(name.encode())
+            digest.update(batch[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    fingerprint = {k: full[k] for k in keys if k != "checkpoint_dir"}
+    return {**fingerprint, "num_blocks": num_blocks, "data_sha256": digest.hexdigest()}
