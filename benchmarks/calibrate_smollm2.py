@@ -34,6 +34,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--rank", type=int, default=32, help="rank each bit group adds to the cascade")
     parser.add_argument("--eval-windows", type=int, default=40, help="512-token held-out windows")
+    parser.add_argument("--token-merge", default="mbtome", choices=["mbtome", "uniform", "none"])
+    parser.add_argument("--cascade-training", default="owned", choices=["owned", "joint"])
     parser.add_argument("--out", default=None, help="save the calibrated model to this folder")
     return parser.parse_args()
 
@@ -41,7 +43,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.quick:
-        args.num_samples, args.seq_len, args.epochs, args.rank, args.eval_windows = 16, 256, 2, 16, 12
+        args.num_samples, args.seq_len, args.epochs, args.rank, args.eval_windows = 16, 256, 2, 16, 8
     torch.set_num_threads(2)
     torch.manual_seed(0)
     folder = smollm2_float_dir()
@@ -63,7 +65,14 @@ def main() -> None:
         rows[bits] = {"bits": bits, "rtn": ppl()}
 
     start = time.perf_counter()
-    quept_hf.calibrate(model, calib_texts, tokenizer=tokenizer, epochs=args.epochs)
+    quept_hf.calibrate(
+        model,
+        calib_texts,
+        tokenizer=tokenizer,
+        epochs=args.epochs,
+        token_merge=args.token_merge,
+        cascade_training=args.cascade_training,
+    )
     seconds = time.perf_counter() - start
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     for bits in config.bits:

@@ -9,6 +9,7 @@ from . import mbclora
 from .calibration import calibrate
 from .config import QuEPTConfig
 from .mbclora import MBCLoRAConfig
+from .mixed_precision import plan_mixed_precision
 from .nn import QuEPTLinear
 from .packing import PackedLinear, export, pack_model
 from .quantizer import QuEPTHfQuantizer, quantize_model, register
@@ -30,6 +31,7 @@ __all__ = [
     "export",
     "get_bits",
     "pack_model",
+    "plan_mixed_precision",
     "quantize_model",
     "quept_config",
     "set_bits",

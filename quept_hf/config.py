@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -16,6 +17,8 @@ MODES = ("weight_only", "weight_activation")
 MIN_BITS, MAX_BITS = 2, 8
 FLOAT_BITS = 16
 FORMAT_VERSION = 1
+PACKED_FORMAT = "quept-packed"  # `QuEPTConfig.packed["format"]` of a checkpoint written by `quept_hf.export`
+PACKED_VERSION = 1
 
 DEFAULT_BIT_GROUPS = {
     "weight_only": [[2], [3, 4], [5, 6], [7, 8]],
@@ -26,9 +29,14 @@ DEFAULT_LR = {"weight_only": (7e-4, 2e-2), "weight_activation": (7e-5, 1e-1)}
 DEFAULT_MERGE_WEIGHTS = {"weight_only": [0.25, 0.25, 0.25, 0.25], "weight_activation": [0.4, 0.3, 0.3]}
 TOKEN_MERGE_MODES = ("mbtome", "none", "uniform")
 LOSSES = ("l1", "mse")
+CASCADE_TRAINING = ("joint", "owned")
 
 # Run-time inputs: used by calibration, never serialised into config.json.
 RUNTIME_FIELDS = ("dataset", "tokenizer", "image_processor", "processor")
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _flatten(groups: list[list[int]]) -> list[int]:
@@ -48,13 +56,48 @@ class QuEPTConfig(QuantizationConfigMixin):
             to every bit-width; a mapping ``{bits: size}`` sets it per bit-width. Default: 128 for
             bits <= 3, per-channel above (as the QuEPT authors do).
         ranks: MB-CLoRA rank each group adds to the cascade, same order as ``bit_groups``.
-        kv_bits: KV-cache bit-width (``None`` = off, an int, or ``"follow"`` the active bit-width).
+        kv_bits: KV-cache bit-width (``None`` = off, an int, or ``"follow"`` the active bit-width): keys (after
+            RoPE) and values quantized asymmetrically per (token, head), clipping 0.95 (`quept_hf.nn.kv_cache`).
+        rotation: QuaRot-style Hadamard rotation of the residual stream before calibration, plus online Hadamard
+            transforms before down_proj (and on queries/keys with ``kv_bits``); float outputs are unchanged
+            (`quept_hf.calibration.rotation`). ``None``: on in weight_activation mode where the architecture
+            allows it, off otherwise. Saved as a bool: a saved rotated model reloads rotated.
+        smoothing: AWQ-style activation-aware per-channel scales searched per block during calibration and
+            folded into the preceding norm / linear (`quept_hf.calibration.smoothing`). ``None``: on in
+            weight_only mode where the architecture allows it, off otherwise.
         modules_to_not_convert: module names (or name suffixes) kept in float besides ``lm_head``.
         seed: seed of every random choice (data windows, bit sampling, adapter init).
         dataset, tokenizer: calibration data and its tokenizer (run-time only, never saved).
+        image_processor, processor: what turns calibration images (ViTs) or image-text pairs (VLMs) into model
+            inputs (run-time only, never saved), e.g. ``AutoImageProcessor`` / ``AutoProcessor`` instances.
+        quantize_vision_tower: VLMs only: also make the vision tower elastic and calibrate it (default: the
+            language model only; the multimodal projector always stays in float).
+        quantize_attention_probs: weight_activation mode: also quantize the attention softmax output (unsigned,
+            range [0, 1], at the active bit-width; runs attention eagerly). Default ``False``: the spec quantizes
+            the inputs of every linear layer and leaves the attention matmuls in float.
         num_samples, seq_len, epochs, batch_size, lr_lora, lr_clip, loss, top_p, merge_weights,
         token_merge, cascade, checkpoint_dir: calibration settings (spec sections 2-4).
+        cascade_training: ``"owned"`` (default: each slice learns from its own group's loss only; the higher
+            groups' slices are used but not pulled towards low-bit errors, which keeps high bit-widths at least as
+            good as round-to-nearest) or ``"joint"`` (every group's loss trains every slice its delta uses).
         calibrated: set by quept_hf once calibration has run (``False`` for a fresh model).
+        packed: set by `quept_hf.export` only: the checkpoint holds packed integer weights frozen at one
+            bit-width or plan, ``{"format": "quept-packed", "version": 1, "source": "w3", "bits": {module: b},
+            "activation_bits": {module: b}, "per_tensor_activations": [module]}`` (the last two only when
+            activations are quantized). ``None``: an elastic checkpoint (float weights + per-bit clipping).
+        plans: mixed-precision plans made by `quept_hf.plan_mixed_precision`, ``{"mixed-3.25": {"avg_bits":
+            3.249, "target": 3.25, "weighted": True, "bits": {module: b}}}``; switch with ``set_adapter`` or
+            ``set_bits(model, "mixed-3.25")``.
+        adapters: bit-switch metadata written by `quept_hf.hub` when the model is saved, so readers of config.json
+            (``quept_hf.hub.list_bit_widths``, the Hub, other tools) learn what a checkpoint switches between without
+            loading weights: ``{"w3": {"weight_bits": 3, "activation_bits": None, "kv_bits": None, "rank": 9,
+            "size_bytes": ...}, "mixed-3.25": {"plan": True, "avg_bits": 3.249, ...}}``. ``None``: not recorded
+            (a config that was never saved, or a model without MB-CLoRA adapters).
+        evaluation: per-bit quality measured by `quept_hf.hub.record_evaluation`, by metric: ``{"perplexity":
+            {"results": {"w2": 31.2, "w8": 12.1, "float": 12.0}, "dataset": "wikitext", "lower_is_better": True}}``.
+        quept_version: the quept_hf version that wrote the checkpoint (set on save).
+        base_model: the float model this one was quantized from (Hub repo id or path), recorded on the first save
+            so model cards can name it after the elastic model is reloaded from its own repository.
     """
 
     def __init__(
@@ -66,10 +109,16 @@ class QuEPTConfig(QuantizationConfigMixin):
         group_size: int | dict[int, int] | None = None,
         ranks: list[int] | None = None,
         kv_bits: int | str | None = None,
+        rotation: bool | None = None,
+        smoothing: bool | None = None,
         modules_to_not_convert: list[str] | None = None,
         seed: int = 0,
         dataset: Any = None,
         tokenizer: Any = None,
+        image_processor: Any = None,
+        processor: Any = None,
+        quantize_vision_tower: bool = False,
+        quantize_attention_probs: bool = False,
         num_samples: int = 128,
         seq_len: int = 2048,
         epochs: int = 15,
@@ -81,12 +130,21 @@ class QuEPTConfig(QuantizationConfigMixin):
         merge_weights: list[float] | None = None,
         token_merge: str = "mbtome",
         cascade: bool = True,
+        cascade_training: str = "owned",
         checkpoint_dir: str | None = None,
         dataset_description: str | None = None,
         calibrated: bool = False,
         format_version: int = FORMAT_VERSION,
+        packed: dict[str, Any] | None = None,
+        plans: dict[str, dict[str, Any]] | None = None,
+        adapters: dict[str, dict[str, Any]] | None = None,
+        evaluation: dict[str, dict[str, Any]] | None = None,
+        quept_version: str | None = None,
+        base_model: str | None = None,
         **kwargs: Any,
     ):
+        # First: a newer checkpoint may carry fields this version does not know; the version is the real cause.
+        self._check_format_version(format_version)
         if kwargs:
             raise ValueError(
                 f"QuEPTConfig got unknown field(s) {sorted(kwargs)}; allowed fields are {sorted(self._fields())}"
@@ -101,10 +159,16 @@ class QuEPTConfig(QuantizationConfigMixin):
         self.group_size = self._normalise_group_size(group_size)
         self.ranks = list(ranks) if ranks is not None else [64] * len(self.bit_groups)
         self.kv_bits = kv_bits
+        self.rotation = rotation
+        self.smoothing = smoothing
         self.modules_to_not_convert = list(modules_to_not_convert or [])
         self.seed = int(seed)
         self.dataset = dataset
         self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.processor = processor
+        self.quantize_vision_tower = bool(quantize_vision_tower)
+        self.quantize_attention_probs = bool(quantize_attention_probs)
         self.num_samples, self.seq_len, self.epochs, self.batch_size = num_samples, seq_len, epochs, batch_size
         default_lora, default_clip = DEFAULT_LR[mode]
         self.lr_lora = float(lr_lora) if lr_lora is not None else default_lora
@@ -114,10 +178,17 @@ class QuEPTConfig(QuantizationConfigMixin):
         self.merge_weights = list(merge_weights) if merge_weights is not None else self._default_merge()
         self.token_merge = token_merge
         self.cascade = bool(cascade)
+        self.cascade_training = cascade_training
         self.checkpoint_dir = checkpoint_dir
         self.dataset_description = dataset_description
         self.calibrated = bool(calibrated)
         self.format_version = int(format_version)
+        self.packed = copy.deepcopy(packed) if packed is not None else None
+        self.plans = copy.deepcopy(plans) if plans is not None else {}
+        self.adapters = copy.deepcopy(adapters) if adapters is not None else None
+        self.evaluation = copy.deepcopy(evaluation) if evaluation is not None else None
+        self.quept_version = quept_version
+        self.base_model = base_model
         self.post_init()
 
     # ----------------------------------------------------------------- defaults
@@ -184,8 +255,15 @@ class QuEPTConfig(QuantizationConfigMixin):
             and not (isinstance(self.kv_bits, int) and MIN_BITS <= self.kv_bits <= MAX_BITS)
         ):
             raise ValueError(f"QuEPTConfig.kv_bits={self.kv_bits!r}: allowed None, 'follow' or an int in 2..8")
+        for name in ("rotation", "smoothing"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"QuEPTConfig.{name}={value!r}: allowed None (the mode's default), True or False")
         self._check_choice("loss", self.loss, LOSSES)
+        self._check_choice("cascade_training", self.cascade_training, CASCADE_TRAINING)
         self._check_choice("token_merge", self.token_merge, TOKEN_MERGE_MODES)
+        if self.quantize_attention_probs and self.mode != "weight_activation":
+            raise ValueError("QuEPTConfig.quantize_attention_probs=True needs mode='weight_activation'")
         for name in ("num_samples", "seq_len", "epochs", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "epochs" else 1):
@@ -197,11 +275,89 @@ class QuEPTConfig(QuantizationConfigMixin):
                 f"QuEPTConfig.merge_weights={self.merge_weights} needs one non-negative weight per bit group "
                 f"({len(self.bit_groups)})"
             )
+        self._check_packed()
+        self._check_plans()
+        self._check_hub_metadata()
         if self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"This checkpoint uses QuEPT format version {self.format_version}, but the installed quept_hf "
                 f"reads up to version {FORMAT_VERSION}: upgrade quept_hf (pip install -U quept-hf)"
             )
+
+    @staticmethod
+    def _check_format_version(format_version: Any) -> None:
+        """A checkpoint written by a newer quept_hf fails with both version numbers and the fix."""
+        if isinstance(format_version, int) and format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"This checkpoint uses QuEPT format version {format_version}, but the installed quept_hf "
+                f"reads up to version {FORMAT_VERSION}: upgrade quept_hf (pip install -U quept-hf)"
+            )
+
+    def _check_hub_metadata(self) -> None:
+        """The save-time metadata (`quept_hf.hub`) must stay JSON-safe: dicts of dicts, finite numbers."""
+        for name in ("quept_version", "base_model"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"QuEPTConfig.{name}={value!r} must be a string or None")
+        if self.adapters is not None and not (
+            isinstance(self.adapters, dict) and all(isinstance(v, dict) for v in self.adapters.values())
+        ):
+            raise ValueError(f"QuEPTConfig.adapters must be a dict {{adapter name: {{...}}}}, got {self.adapters!r}")
+        if self.evaluation is not None and not isinstance(self.evaluation, dict):
+            raise ValueError(f"QuEPTConfig.evaluation must be a dict {{metric: {{...}}}}, got {self.evaluation!r}")
+        for metric, entry in (self.evaluation or {}).items():
+            results = entry.get("results") if isinstance(entry, dict) else None
+            if not isinstance(results, dict):
+                raise ValueError(f"QuEPTConfig.evaluation[{metric!r}] needs a 'results' mapping, got {entry!r}")
+            bad = {k: v for k, v in results.items() if not _finite_number(v)}
+            if bad:
+                raise ValueError(f"QuEPTConfig.evaluation[{metric!r}] has non-finite or non-numeric results {bad}")
+
+    def _check_plans(self) -> None:
+        """Every stored mixed plan maps module names to bit-widths this config declares."""
+        if not isinstance(self.plans, dict):
+            raise ValueError(
+                f"QuEPTConfig.plans must be a dict {{name: {{'bits': {{module: b}}}}}}, got {self.plans!r}"
+            )
+        for name, plan in self.plans.items():
+            widths = plan.get("bits") if isinstance(plan, dict) else None
+            if not isinstance(widths, dict) or not widths:
+                raise ValueError(f"QuEPTConfig.plans[{name!r}] needs a 'bits' mapping {{module: bits}}, got {plan!r}")
+            bad = sorted({b for b in widths.values() if not isinstance(b, int) or b not in self.bits}, key=str)
+            if bad:
+                raise ValueError(f"QuEPTConfig.plans[{name!r}] uses bit-widths {bad}; this config has bits {self.bits}")
+
+    def _check_packed(self) -> None:
+        """A packed checkpoint must name, for every packed module, a bit-width this config declares."""
+        if self.packed is None:
+            return
+        packed = self.packed
+        if not isinstance(packed, dict) or packed.get("format") != PACKED_FORMAT:
+            raise ValueError(f"QuEPTConfig.packed must be a dict with format={PACKED_FORMAT!r}, got {packed!r}")
+        if int(packed.get("version", 1)) > PACKED_VERSION:
+            raise ValueError(
+                f"This packed checkpoint uses packed format version {packed['version']}, but the installed quept_hf "
+                f"reads up to version {PACKED_VERSION}: upgrade quept_hf (pip install -U quept-hf)"
+            )
+        for key in ("bits", "activation_bits"):
+            widths = packed.get(key) or {}
+            if not isinstance(widths, dict) or (key == "bits" and not widths):
+                raise ValueError(f"QuEPTConfig.packed[{key!r}] must map module names to bit-widths, got {widths!r}")
+            allowed = self.bits if key == "bits" else list(range(MIN_BITS, MAX_BITS + 1))
+            bad = {name: b for name, b in widths.items() if not isinstance(b, int) or b not in allowed}
+            if bad:
+                shown = dict(list(bad.items())[:4])
+                raise ValueError(f"QuEPTConfig.packed[{key!r}] has bit-widths outside {allowed}: {shown}")
+        unknown = sorted(set(packed.get("per_tensor_activations") or []) - set(packed.get("activation_bits") or {}))
+        if unknown:
+            raise ValueError(
+                f"QuEPTConfig.packed['per_tensor_activations'] names modules without activation bits: {unknown[:4]}"
+            )
+
+    @property
+    def is_packed(self) -> bool:
+        """True for a checkpoint of `quept_hf.export`: frozen packed weights, no bit switching."""
+        return self.packed is not None
 
     @staticmethod
     def _check_choice(field: str, value: Any, allowed: tuple) -> None:

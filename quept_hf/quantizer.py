@@ -14,11 +14,13 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.quantizers.base import HfQuantizer
 
 from .config import QuEPTConfig
-from .nn import QuEPTLinear
+from .models import module_roles
+from .nn import QuEPTLinear, pin_modules
+from .nn.attention import ATTENTION_IMPLEMENTATION, register_attention
 
 logger = logging.getLogger(__name__)
 
-CLIP_PATTERN = r"\.clip_(upper|lower)\.\d+$"
+CLIP_PATTERN = r"\.clip_(upper|lower|act)\.\d+$"
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -26,7 +28,9 @@ def _matches(name: str, patterns: list[str]) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
-def replace_linears(model: nn.Module, config: QuEPTConfig, skip: list[str]) -> list[str]:
+def replace_linears(
+    model: nn.Module, config: QuEPTConfig, skip: list[str], activation_granularity: str = "per_token"
+) -> list[str]:
     """Swap every ``nn.Linear`` not matched by ``skip`` for a `QuEPTLinear` (same device, shared weights).
 
     Works on the meta device (before weight loading) and on real weights alike; returns the swapped names.
@@ -42,11 +46,46 @@ def replace_linears(model: nn.Module, config: QuEPTConfig, skip: list[str]) -> l
             bits=config.bits,
             group_size=config.group_size,
             quantize_activations=config.mode == "weight_activation",
+            activation_granularity=activation_granularity,
         )
         new.set_bits(config.default_bits)
         setattr(parent, child, new)
         swapped.append(name)
     return swapped
+
+
+def replace_packed_linears(model: nn.Module, config: QuEPTConfig) -> list[str]:
+    """Swap each module named in ``config.packed["bits"]`` for an empty `PackedLinear` (before weight loading).
+
+    The new modules live on the old weight's device (meta while transformers builds the skeleton), so no float
+    weight of a packed linear is ever materialised; the checkpoint fills ``qweight``, ``scales``, ``zeros``.
+    """
+    from .packing.linear import PackedLinear
+
+    activation_bits = config.packed.get("activation_bits") or {}
+    per_tensor = set(config.packed.get("per_tensor_activations") or [])
+    for name, bits in config.packed["bits"].items():
+        parent_name, _, child = name.rpartition(".")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            module = None
+        if type(module) is not nn.Linear:
+            found = "nothing" if module is None else type(module).__name__
+            raise ValueError(f"The packed QuEPT checkpoint names {name!r}; {type(model).__name__} has {found} there")
+        new = PackedLinear(
+            module.in_features,
+            module.out_features,
+            module.bias is not None,
+            bits=bits,
+            group_size=config.group_size[bits],
+            activation_bits=activation_bits.get(name),
+            activation_granularity="per_tensor" if name in per_tensor else "per_token",
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+        )
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return list(config.packed["bits"])
 
 
 def quept_linears(model: nn.Module) -> dict[str, QuEPTLinear]:
@@ -77,10 +116,27 @@ class QuEPTHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs):
         config = self.quantization_config
+        from .calibration.rotation import resolve_transforms
+
+        resolve_transforms(model, config, fresh=not self.pre_quantized)  # rotation/smoothing: None -> bool
+        if config.is_packed:
+            swapped = replace_packed_linears(model, config)
+            # Pinned layers (ViT patch embedding / head at 8 bits) keep float weights and fake-quantize as in
+            # the elastic model; with no elastic layer to follow they never switch to float.
+            pin_modules(model, module_roles(model, config.quantize_vision_tower).pinned)
+            logger.info("QuEPT: %d packed linear layers (%s)", len(swapped), config.packed.get("source"))
+            return
+        if not self.pre_quantized and config.dataset is not None:
+            from .models import architecture_for
+
+            architecture_for(model)  # calibration follows loading: refuse an unsupported model before loading it
         skip = self.get_modules_to_not_convert(
             model, config.modules_to_not_convert, keep_in_fp32_modules, add_default_skips=True
         )
-        swapped = replace_linears(model, config, skip)
+        roles = module_roles(model, config.quantize_vision_tower)  # per-architecture: float, pinned, activations
+        skip = [*skip, *roles.kept_float, *roles.pinned]
+        swapped = replace_linears(model, config, skip, roles.activation_granularity)
+        pin_modules(model, roles.pinned)
         if not swapped:
             raise ValueError(
                 f"QuEPT found no nn.Linear to quantize in {type(model).__name__} (skipped: {sorted(skip)})"
@@ -92,17 +148,35 @@ class QuEPTHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         config = self.quantization_config
+        if config.is_packed:
+            _check_packed_loaded(model)
+            if config.quantize_attention_probs:
+                register_attention()
+                model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
+            _install_transforms(model, config, rotate=False)
+            return model
         layers = quept_linears(model)
         if self.pre_quantized:
             _check_loaded(layers)
+            from .mixed_precision import attach_saved_sensitivity
+
+            attach_saved_sensitivity(model)
         for layer in layers.values():
             if not self.pre_quantized:
                 layer.reset_clipping()
-            for param in (*layer.clip_upper.values(), *layer.clip_lower.values()):
-                param.requires_grad_(False)
+            # Loading re-creates parameters with requires_grad=True: freeze the float weights again (spec:
+            # they stay frozen), else the weight cache is off outside torch.no_grad and the paths differ.
+            clips = (*layer.clip_upper.values(), *layer.clip_lower.values(), *layer.clip_act.values())
+            for param in (layer.weight, layer.bias, *clips):
+                if param is not None:
+                    param.requires_grad_(False)
         from .switch import set_bits
 
         set_bits(model, config.default_bits)
+        if config.quantize_attention_probs:
+            register_attention()
+            model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
+        _install_transforms(model, config, rotate=not self.pre_quantized)
         if not self.pre_quantized and config.dataset is not None:
             from .calibration import calibrate
 
@@ -121,18 +195,45 @@ class QuEPTHfQuantizer(HfQuantizer):
         return True
 
 
+def _install_transforms(model: nn.Module, config: QuEPTConfig, rotate: bool) -> None:
+    """Rotate a fresh float model (``config.rotation``) and (re)install the online transforms it computes.
+
+    A saved model holds rotated weights already (``rotate=False``): only the online parts come back."""
+    from .calibration.rotation import install_online_transforms, rotate_model
+
+    if rotate and config.rotation:
+        rotate_model(model, seed=config.seed)
+    install_online_transforms(model, config)
+
+
 def _check_loaded(layers: dict[str, QuEPTLinear]) -> None:
     """A pre-quantized checkpoint must carry every per-bit tensor: name the ones it lacks."""
     missing = [
         f"{name}.{kind}.{bits}"
         for name, layer in layers.items()
-        for kind in ("clip_upper", "clip_lower")
+        for kind in ("clip_upper", "clip_lower", "clip_act")
         for bits, param in getattr(layer, kind).items()
         if not getattr(param, "_is_hf_initialized", False)
     ]
     if missing:
         shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
         raise ValueError(f"The QuEPT checkpoint lacks per-bit clipping tensors: {shown}")
+
+
+def _check_packed_loaded(model: nn.Module) -> None:
+    """Every tensor of every `PackedLinear` must come from the checkpoint (else its values are garbage)."""
+    from .packing.linear import PackedLinear
+
+    missing = [
+        f"{name}.{pname}"
+        for name, module in model.named_modules()
+        if isinstance(module, PackedLinear)
+        for pname, param in module.named_parameters(recurse=False)
+        if not getattr(param, "_is_hf_initialized", False)
+    ]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise ValueError(f"The packed QuEPT checkpoint lacks tensors: {shown}")
 
 
 def register() -> None:

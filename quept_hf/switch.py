@@ -1,10 +1,21 @@
-"""Run-time bit switching: `set_bits` / `get_bits` on a transformers model or a PEFT wrapper of it."""
+"""Run-time bit switching: `set_bits` / `get_bits` on a transformers model or a PEFT wrapper of it.
+
+With MB-CLoRA adapters attached, ``set_bits(model, b)`` is exactly ``set_adapter(f"w{b}")`` (the weight
+bit-width, the activation bit-width and the low-rank delta all follow); without adapters it only switches the
+quantizers. ``16`` runs the float weights without any delta, for reference. Mixed precision: a stored plan's
+name (``set_bits(model, "mixed-3.25")``, the same as ``set_adapter("mixed-3.25")``) or a hand-made mapping
+``{module name: bits}`` sets a bit-width per quantized linear; ``get_bits`` then returns that mapping.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from torch import nn
 
 from .config import QuEPTConfig
+from .mbclora.config import MBCLoRAConfig, adapter_name_for_bits
+from .mbclora.layer import MBCLoRALayer
 from .nn import FLOAT_BITS
 from .quantizer import quept_linears
 
@@ -23,18 +34,137 @@ def quept_config(model: nn.Module) -> QuEPTConfig:
     return config
 
 
-def set_bits(model: nn.Module, bits: int) -> None:
-    """Switch every elastic layer to ``bits`` (16 runs the float weights, for reference)."""
+def mbclora_layers(model: nn.Module) -> list[MBCLoRALayer]:
+    """Every MB-CLoRA adapter layer of a model (empty when no adapters are attached or they were merged)."""
+    return [module for module in model.modules() if isinstance(module, MBCLoRALayer)]
+
+
+def set_bits(model: nn.Module, bits: int | str | Mapping[str, int]) -> None:
+    """Switch the whole model to ``bits``; ``16`` runs the float weights (no quantization, no delta).
+
+    With MB-CLoRA adapters this is the same operation as ``set_adapter(f"w{bits}")``, through whichever
+    front door the model has: a ``peft.PeftModel``'s, the transformers model's PEFT integration, or (for a
+    bare injected model) every adapter layer's. Without adapters only the quantizers switch.
+
+    ``bits`` may also be a stored mixed plan's name (``"mixed-3.25"``: exactly ``set_adapter("mixed-3.25")``)
+    or a mapping ``{module name: bits}`` (a hand-made plan; modules it leaves out keep their bit-width).
+    """
+    _refuse_packed(model)
+    if isinstance(bits, Mapping):
+        set_layer_bits(model, bits)
+        return
+    if isinstance(bits, str):
+        _set_plan(model, bits)
+        return
     config = quept_config(model)
     if bits not in config.bits and bits != FLOAT_BITS:
         raise ValueError(f"bits={bits!r} is not available; this model was built for bits {config.bits} (or 16)")
-    for layer in quept_linears(model).values():
-        layer.set_bits(bits)
+    adapters = mbclora_layers(model)
+    if not adapters or bits == FLOAT_BITS:
+        # Float reference: MBCLoRALayer.forward skips the delta whenever its base layer runs in float.
+        for layer in quept_linears(model).values():
+            layer.set_bits(bits)
+        return
+    _activate(model, adapters, adapter_name_for_bits(bits))
 
 
-def get_bits(model: nn.Module) -> int:
-    """The bit-width every elastic layer currently runs at."""
-    widths = {layer.active_bits for layer in quept_linears(model).values()}
-    if len(widths) != 1:
-        raise ValueError(f"the model's layers run at different bit-widths: {sorted(widths)}")
-    return widths.pop()
+def _activate(model: nn.Module, adapters: list[MBCLoRALayer], name: str) -> None:
+    """``set_adapter(name)`` through the model's own front door (see `set_bits`)."""
+    if _is_peft_model(model) or getattr(model, "_hf_peft_config_loaded", False):
+        model.set_adapter(name)
+    else:
+        for layer in adapters:
+            layer.set_adapter(name)
+
+
+def _set_plan(model: nn.Module, name: str) -> None:
+    """A stored plan by name: through ``set_adapter`` when adapters are attached, else layer by layer."""
+    config = quept_config(model)
+    if name not in config.plans:
+        available = [adapter_name_for_bits(b) for b in config.bits] + sorted(config.plans)
+        if name in available:
+            set_bits(model, int(name[1:]))
+            return
+        raise ValueError(f"no bit-width or plan named {name!r}; this model provides {available}")
+    plan = {module: int(b) for module, b in config.plans[name]["bits"].items()}
+    adapters = mbclora_layers(model)
+    if not adapters:
+        set_layer_bits(model, plan)
+        return
+    for elastic in adapter_configs(model):  # a plan made before the adapter was attached: teach it the plan
+        elastic.plans.setdefault(name, plan)
+    _activate(model, adapters, name)
+
+
+def adapter_configs(model: nn.Module) -> list[MBCLoRAConfig]:
+    """Every distinct MBCLoRAConfig object switching reads: the PEFT config dicts' (which ``set_adapter`` checks
+    names against) and the adapter layers' (which resolve a plan to bit-widths)."""
+    found: dict[int, MBCLoRAConfig] = {}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for owner in (model, getattr(model, "base_model", None), base):
+        for config in dict.values(getattr(owner, "peft_config", None) or {}):
+            if isinstance(config, MBCLoRAConfig):
+                found[id(config)] = config
+    for layer in mbclora_layers(model):
+        found.update({id(c): c for c in layer.elastic.values()})
+    return list(found.values())
+
+
+def set_layer_bits(model: nn.Module, bits: Mapping[str, int]) -> None:
+    """A hand-made plan ``{module name: bits}``: those quantized linears switch, the others keep their bits.
+
+    Module names are those `get_bits` reports (transformers names, e.g. ``model.layers.0.mlp.down_proj``). The
+    whole mapping is checked before anything switches: unknown names or bit-widths are one ValueError naming them.
+    An MB-CLoRA layer's delta (and, in weight_activation mode, its activation bit-width) follows its base layer.
+    """
+    config = quept_config(model)
+    layers = quept_linears(model)
+    unknown = sorted(set(bits) - set(layers))
+    if unknown:
+        raise ValueError(
+            f"set_bits: unknown module name(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''}; quantized "
+            f"linears are named like {sorted(layers)[:3]} (see quept_hf.get_bits(model))"
+        )
+    allowed = [*config.bits, FLOAT_BITS]
+    bad = {name: b for name, b in bits.items() if isinstance(b, bool) or b not in allowed}
+    if bad:
+        shown = dict(list(bad.items())[:5])
+        raise ValueError(f"set_bits: bit-width(s) not available for {shown}; this model has bits {config.bits} (or 16)")
+    for name, b in bits.items():
+        layers[name].set_bits(int(b))
+
+
+def get_bits(model: nn.Module) -> int | dict[str, int]:
+    """The bit-width every elastic layer runs at, or ``{module name: bits}`` for every quantized linear when
+    they differ (a mixed plan is active; block plans show expanded to their linears)."""
+    widths = {name: layer.active_bits for name, layer in quept_linears(model).items()}
+    if not widths and _is_packed(model):
+        widths = dict(quept_config(model).packed["bits"])  # a packed model runs at its frozen widths
+    if not widths:
+        raise ValueError(f"{type(model).__name__} has no quantized linear layer")
+    if len(set(widths.values())) == 1:
+        return next(iter(widths.values()))
+    return widths
+
+
+def _is_packed(model: nn.Module) -> bool:
+    try:
+        return quept_config(model).is_packed
+    except ValueError:
+        return False
+
+
+def _refuse_packed(model: nn.Module) -> None:
+    """A packed checkpoint holds integer codes of ONE bit-width per layer: there is nothing to switch to."""
+    if _is_packed(model):
+        source = quept_config(model).packed.get("source")
+        raise ValueError(
+            f"this model is packed (exported at {source!r}) and cannot switch bit-widths: load the elastic "
+            "checkpoint to switch, or export another bit-width"
+        )
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)

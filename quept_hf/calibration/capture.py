@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -109,10 +110,8 @@ def capture_first_block_inputs(
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in batches:
-            try:
+            with contextlib.suppress(_StopForward):
                 model(**batch, **forward_kwargs)
-            except _StopForward:
-                pass
     finally:
         handle.remove()
     return torch.cat(inputs)

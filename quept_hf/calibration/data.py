@@ -24,7 +24,8 @@ def text_windows(
     ids = ids.flatten()
     if ids.numel() < seq_len + 1:
         raise ValueError(
-            f"calibration data has {ids.numel()} tokens, fewer than seq_len={seq_len}: give more text or a smaller seq_len"
+            f"calibration data has {ids.numel()} tokens, fewer than seq_len={seq_len}: "
+            "give more text or a smaller seq_len"
         )
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (num_samples,), generator=generator)
@@ -147,7 +148,9 @@ def _choose(total: int, num_samples: int, seed: int) -> torch.Tensor:
 def _column(data: Any, candidates: tuple[str, ...], what: str) -> str:
     found = next((c for c in candidates if c in data.column_names), None)
     if found is None:
-        raise ValueError(f"calibration Dataset needs {what} column (one of {list(candidates)}); it has {data.column_names}")
+        raise ValueError(
+            f"calibration Dataset needs {what} column (one of {list(candidates)}); it has {data.column_names}"
+        )
     return found
 
 

@@ -9,9 +9,12 @@ compute device (CUDA when available, else the CPU).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,20 +24,22 @@ from tqdm.auto import tqdm
 
 from ..config import QuEPTConfig
 from ..mbclora import MBCLoRAConfig, MBCLoRALayer, adapter_name_for_bits
-from ..models import Architecture, architecture_for
+from ..models import Architecture, Chain, architecture_for, fold_block_norms
 from ..nn import FLOAT_BITS, QuEPTLinear
 from .capture import capture_block_kwargs, capture_first_block_inputs, to_device
 from .checkpoint import BlockCheckpoints
 from .data import describe, text_windows
 from .mbtome import merge_tokens
+from .smoothing import smooth_block
 
 logger = logging.getLogger(__name__)
 
 SETTINGS = (
     "num_samples", "seq_len", "epochs", "batch_size", "lr_lora", "lr_clip", "loss",
-    "top_p", "merge_weights", "token_merge", "seed", "checkpoint_dir",
+    "top_p", "merge_weights", "token_merge", "cascade_training", "seed", "checkpoint_dir",
 )  # fmt: skip
 MIN_LR_RATIO = 0.01  # cosine schedule down to lr/100
+STATS_SAMPLES = 16  # calibration samples used to measure LayerNorm ranges and initialise activation scales
 
 
 @dataclass
@@ -45,6 +50,7 @@ class _Block:
     module: nn.Module
     kwargs: dict
     layers: dict[str, MBCLoRALayer]
+    unbatched: bool = False
 
     def set_bits(self, bits: int) -> None:
         for layer in self.layers.values():
@@ -72,17 +78,23 @@ class _Block:
                 param.copy_(state[name])
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = self.module(hidden, **self.kwargs)
-        return out[0] if isinstance(out, tuple) else out
+        out = self.module(hidden.squeeze(0) if self.unbatched else hidden, **self.kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        return out.unsqueeze(0) if self.unbatched else out
 
 
-def calibrate(model: nn.Module, dataset: Any = None, tokenizer: Any = None, **overrides: Any) -> nn.Module:
+def calibrate(
+    model: nn.Module, dataset: Any = None, tokenizer: Any = None, processor: Any = None, **overrides: Any
+) -> nn.Module:
     """Calibrate a QuEPT model once for every bit-width of its config; returns the model (changed in place).
 
     Args:
         model: a model loaded with ``quantization_config=QuEPTConfig(...)`` (or a ``peft.PeftModel`` of one).
-        dataset: calibration data (see `quept_hf.calibration.data.text_windows`); default: the config's.
+        dataset: calibration data (see `quept_hf.calibration.data.text_windows` for text, `image_batches` for
+            images and image-text pairs); default: the config's.
         tokenizer: tokenizer for text data; default: the config's.
+        processor: image processor (ViTs) or processor (VLMs); default: the config's ``image_processor`` /
+            ``processor``.
         overrides: calibration settings replacing the config's for this run (``epochs=5``, ``lr_lora=...``).
 
     Afterwards every bit-width adapter (``model.set_adapter("w2")`` ... ``"w8"``) is calibrated.
@@ -96,6 +108,8 @@ def calibrate(model: nn.Module, dataset: Any = None, tokenizer: Any = None, **ov
     if dataset is None:
         raise ValueError("calibrate() needs data: pass dataset=... (texts, a datasets.Dataset, a file or token ids)")
     arch = architecture_for(model)
+    if arch.input_kind != "text":
+        tokenizer = processor or config.processor or config.image_processor or tokenizer
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     _ensure_adapters(model, config, settings.seed)
     batches = _model_batches(arch, dataset, tokenizer, settings)
@@ -122,7 +136,9 @@ def _ensure_adapters(model: nn.Module, config: QuEPTConfig, seed: int) -> None:
     if any(isinstance(m, MBCLoRALayer) for m in model.modules()):
         return
     if hasattr(model, "get_base_model"):
-        raise ValueError("the PeftModel carries no MB-CLoRA adapter: build it with peft.get_peft_model(m, MBCLoRAConfig())")
+        raise ValueError(
+            "the PeftModel carries no MB-CLoRA adapter: build it with peft.get_peft_model(m, MBCLoRAConfig())"
+        )
     adapter = MBCLoRAConfig(bit_groups=config.bit_groups, ranks=config.ranks, cascade=config.cascade)
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -136,30 +152,56 @@ def _model_batches(arch: Architecture, dataset: Any, tokenizer: Any, settings: Q
     if arch.input_kind != "text":
         from .data import image_batches
 
-        return image_batches(dataset, tokenizer, settings)
+        return image_batches(dataset, tokenizer, settings, kind=arch.input_kind)
     ids = text_windows(dataset, tokenizer, settings.num_samples, settings.seq_len, settings.seed)
     return [{"input_ids": ids[i : i + settings.batch_size]} for i in range(0, len(ids), settings.batch_size)]
 
 
 def _run(base: nn.Module, arch: Architecture, batches: list[dict], config: QuEPTConfig, settings: QuEPTConfig) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    forward_kwargs = dict(arch.forward_kwargs)
-    blocks = arch.blocks(base)
     model_device = next(base.parameters()).device
     batches = [to_device(b, model_device) for b in batches]
-    all_kwargs = capture_block_kwargs(base, blocks, batches[0], forward_kwargs)
-    x_fp = capture_first_block_inputs(base, blocks, batches, forward_kwargs)
-    x_q = x_fp.clone()
     checkpoints = None
     if settings.checkpoint_dir:
-        checkpoints = BlockCheckpoints(settings.checkpoint_dir, _fingerprint(settings, batches, len(blocks)))
+        checkpoints = BlockCheckpoints(settings.checkpoint_dir, _fingerprint(settings, batches))
     done = checkpoints.completed() if checkpoints else 0
     if done:
         logger.info("QuEPT calibration resumes after block %d (checkpoint_dir=%s)", done, settings.checkpoint_dir)
-    for index in tqdm(range(len(blocks)), desc="QuEPT calibration (blocks)", unit="block"):
-        block = _Block(index, blocks[index], to_device(all_kwargs[index], device), _adapter_layers(blocks[index]))
+    offset = 0  # blocks are numbered across chains (vision tower first), for checkpoints and seeds
+    for chain in arch.chains(base, config.quantize_vision_tower):
+        _run_chain(base, arch, chain, batches, config, settings, checkpoints, done, offset, device)
+        offset += len(chain.blocks)
+
+
+def _run_chain(
+    base: nn.Module,
+    arch: Architecture,
+    chain: Chain,
+    batches: list[dict],
+    config: QuEPTConfig,
+    settings: QuEPTConfig,
+    checkpoints: BlockCheckpoints | None,
+    done: int,
+    offset: int,
+    device: torch.device,
+) -> None:
+    """Calibrate one chain of blocks: X_fp from the float model, X_q from the model as quantized so far."""
+    if chain.unbatched and settings.batch_size != 1:
+        raise ValueError(f"{chain.name} packs every image of a batch into one sequence: calibrate with batch_size=1")
+    forward_kwargs = dict(arch.forward_kwargs)
+    blocks = chain.blocks
+    model_device = next(base.parameters()).device
+    all_kwargs = capture_block_kwargs(base, blocks, batches[0], forward_kwargs, arch.first_sample)
+    with float_reference(base):
+        x_fp = capture_first_block_inputs(base, blocks, batches, forward_kwargs, chain.unbatched)
+    x_q = capture_first_block_inputs(base, blocks, batches, forward_kwargs, chain.unbatched)
+    for position in tqdm(range(len(blocks)), desc=f"QuEPT calibration ({chain.name})", unit="block"):
+        index = offset + position
+        kwargs = to_device(all_kwargs[position], device)
+        block = _Block(index, blocks[position], kwargs, _adapter_layers(blocks[position]), chain.unbatched)
         block.module.to(device)
         try:
+            _prepare_block(block, arch, x_fp, x_q, settings, device)
             y_fp = _forward_all(block, x_fp, FLOAT_BITS, settings.batch_size, device)
             if index < done:
                 block.load_state(checkpoints.load(index))
@@ -170,9 +212,84 @@ def _run(base: nn.Module, arch: Architecture, batches: list[dict], config: QuEPT
             # Its own stream: a block restored from a checkpoint must draw the same MB-ToMe bits as a trained one.
             x_q = _next_inputs(block, x_q, settings, _generator(settings.seed, index, "merge"), device)
             x_fp = y_fp
+            if position in chain.transitions:
+                transition = chain.transitions[position].to(device)
+                with float_reference(base):
+                    x_fp = _transition(transition, block, x_fp, settings.batch_size, device)
+                x_q = _transition(transition, block, x_q, settings.batch_size, device)
+                transition.to(model_device)
         finally:
             block.module.to(model_device)
             block.set_bits(config.default_bits)
+
+
+@contextlib.contextmanager
+def float_reference(model: nn.Module) -> Iterator[None]:
+    """Run every elastic layer (and, following them, every pinned one) in float; restore the bit-widths after."""
+    layers = [m for m in model.modules() if isinstance(m, QuEPTLinear)]
+    saved = [layer.active_bits for layer in layers]
+    for layer in layers:
+        layer.set_bits(FLOAT_BITS)
+    try:
+        yield
+    finally:
+        for layer, bits in zip(layers, saved, strict=True):
+            layer.active_bits = bits
+
+
+def _prepare_block(
+    block: _Block, arch: Architecture, x_fp: torch.Tensor, x_q: torch.Tensor, settings: QuEPTConfig, device
+) -> None:
+    """Data-dependent set-up before training: AWQ-style smoothing (decoder LLMs, `smoothing.smooth_block`), fold
+    LayerNorm scales, then initialise per-tensor activation scales.
+
+    Both are deterministic functions of the inputs, so a resumed run (blocks loaded from checkpoints) redoes
+    them identically; the learned activation scales then come from the checkpoint.
+    """
+    if _smoothing_on(settings, arch):
+        with torch.no_grad():
+            smooth_block(block.module, block, x_fp, arch.layout, min(settings.bits), settings.batch_size, device)
+    n = min(len(x_fp), STATS_SAMPLES)
+    if arch.norm_folds:
+        measure = lambda: _forward_all(block, x_fp[:n], FLOAT_BITS, settings.batch_size, device)  # noqa: E731
+        fold_block_norms(block.module, arch.norm_folds, measure)
+    layers = [m for m in block.module.modules() if isinstance(m, QuEPTLinear) and len(m.clip_act)]
+    if not layers:
+        return
+    inputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
+
+    def record(i: int):
+        def hook(module, args):
+            x = args[0] if module.input_transform is None else module.input_transform(args[0])
+            inputs[i].append(x.detach())
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(record(i)) for i, layer in enumerate(layers)]
+    try:
+        _forward_all(block, x_q[:n], FLOAT_BITS, settings.batch_size, device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for i, layer in enumerate(layers):
+        layer.init_activation_scales(torch.cat([x.flatten() for x in inputs[i]]))
+
+
+def _smoothing_on(settings: QuEPTConfig, arch: Architecture) -> bool:
+    """``smoothing=None`` means the mode's default (weight_only) where the architecture has a decoder layout."""
+    if settings.smoothing and arch.layout is None:
+        raise ValueError(f"QuEPTConfig(smoothing=True): {arch.name} has no decoder layout to smooth")
+    wanted = settings.smoothing if settings.smoothing is not None else settings.mode == "weight_only"
+    return bool(wanted) and arch.layout is not None
+
+
+@torch.no_grad()
+def _transition(transition: nn.Module, block: _Block, x: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    """Run a between-blocks module (Swin's patch merging) with the block arguments it accepts."""
+    accepted = inspect.signature(transition.forward).parameters
+    kwargs = {k: v for k, v in block.kwargs.items() if k in accepted}
+    outs = [transition(x[i : i + batch_size].to(device), **kwargs).cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(outs)
 
 
 def _adapter_layers(block: nn.Module) -> dict[str, MBCLoRALayer]:
@@ -206,6 +323,8 @@ def _train_block(
         return
     for p in lora + clips:
         p.requires_grad_(True)
+    for layer in block.layers.values():
+        layer.owned_gradients = settings.cascade_training == "owned"
     optimizer = torch.optim.AdamW(
         [{"params": lora, "lr": settings.lr_lora}, {"params": clips, "lr": settings.lr_clip}], weight_decay=0.0
     )
@@ -228,6 +347,8 @@ def _train_block(
         progress.close()
         for p in lora + clips:
             p.requires_grad_(False)
+        for layer in block.layers.values():
+            layer.owned_gradients = False
     logger.debug("block %d calibrated: last losses %s", block.index, losses)
 
 
@@ -276,14 +397,18 @@ def _generator(seed: int, index: int, stream: str) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + index) * 2 + (stream == "merge"))
 
 
-def _fingerprint(settings: QuEPTConfig, batches: list[dict], num_blocks: int) -> dict:
-    """What a checkpoint_dir must match to be resumed: the settings, the number of blocks, and the data."""
-    keys = ("mode", "bits", "bit_groups", "ranks", "group_size", "cascade", *SETTINGS)
+def _fingerprint(settings: QuEPTConfig, batches: list[dict]) -> dict:
+    """What a checkpoint_dir must match to be resumed: the settings and the calibration data."""
+    keys = ("mode", "bits", "bit_groups", "ranks", "group_size", "cascade", "cascade_training", *SETTINGS)
+    keys += ("rotation", "smoothing", "kv_bits")  # they change the weights / the block function
     full = settings.to_dict()
     digest = hashlib.sha256()
     for batch in batches:
         for name in sorted(batch):
             digest.update(name.encode())
-            digest.update(batch[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            value = batch[name]
+            if isinstance(value, torch.Tensor):
+                value = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            digest.update(value if isinstance(value, bytes) else repr(value).encode())
     fingerprint = {k: full[k] for k in keys if k != "checkpoint_dir"}
-    return {**fingerprint, "num_blocks": num_blocks, "data_sha256": digest.hexdigest()}
+    return {**fingerprint, "data_sha256": digest.hexdigest()}

@@ -38,6 +38,7 @@ class MBCLoRALayer(nn.Module, BaseTunerLayer):
         self.mbclora_A = nn.ModuleDict()
         self.mbclora_B = nn.ModuleDict()
         self.elastic: dict[str, MBCLoRAConfig] = {}
+        self.owned_gradients = False
         self._disable_adapters = False
         self.merged_adapters = []
         self.update_layer(adapter_name, config)
@@ -92,8 +93,15 @@ class MBCLoRALayer(nn.Module, BaseTunerLayer):
         return [self.mbclora_A[root][k], self.mbclora_B[root][k]]
 
     def delta_weight(self, bits: int) -> torch.Tensor:
-        """``B[:, :R(b)] @ A[:R(b), :]`` for bit-width ``bits``."""
+        """``B[:, :R(b)] @ A[:R(b), :]`` for bit-width ``bits``.
+
+        With ``owned_gradients`` (set by calibration), the slices of higher groups take part in the delta but
+        get no gradient from this bit-width: each group's slice is trained by its own group's loss only.
+        """
         a_slices, b_slices = self.cascade_slices(bits)
+        if self.owned_gradients:
+            a_slices = [a.detach() for a in a_slices[:-1]] + a_slices[-1:]
+            b_slices = [b.detach() for b in b_slices[:-1]] + b_slices[-1:]
         return torch.cat(list(b_slices), dim=1) @ torch.cat(list(a_slices), dim=0)
 
     # --------------------------------------------------------------- forward

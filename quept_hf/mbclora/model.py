@@ -12,7 +12,6 @@ from ..nn import QuEPTLinear
 from .config import MBCLoRAConfig
 from .layer import MBCLoRALayer
 
-
 _BIT_LIKE = re.compile(r"^(w\d+|mixed-.*)$")
 
 
@@ -66,6 +65,8 @@ class MBCLoRAModel(BaseTuner):
         config.bit_groups = config.bit_groups or [list(g) for g in quant.bit_groups]
         config.ranks = config.ranks or list(quant.ranks)
         config.default_bits = config.default_bits or quant.default_bits
+        for name, plan in (getattr(quant, "plans", None) or {}).items():  # mixed plans made before attaching
+            config.plans.setdefault(name, dict(plan["bits"]))
         if config.bits != quant.bits:
             raise ValueError(f"MBCLoRAConfig.bit_groups {config.bit_groups} do not cover the model's bits {quant.bits}")
         if len(config.ranks) != len(config.bit_groups):
@@ -76,6 +77,15 @@ class MBCLoRAModel(BaseTuner):
         if not isinstance(self.peft_config, ElasticAdapters):
             self.peft_config = ElasticAdapters(self.peft_config)
         model.peft_config = self.peft_config
+
+    def _post_injection_hook(self, model: nn.Module, config: MBCLoRAConfig, adapter_name: str) -> None:
+        """A transformers model with adapters would save only the adapter: make it save the elastic model."""
+        from transformers import PreTrainedModel
+
+        if isinstance(model, PreTrainedModel):
+            from ..serialization import install_elastic_save
+
+            install_elastic_save(model)
 
     def _check_new_adapter_config(self, config: MBCLoRAConfig) -> None:
         roots = [name for name, c in dict.items(self.peft_config) if isinstance(c, MBCLoRAConfig)]
@@ -116,4 +126,5 @@ class MBCLoRAModel(BaseTuner):
             quant.group_size = {only: quant.group_size[only]}
             quant.ranks = [quant.ranks[0]]
             quant.merge_weights = [1.0]
+            quant.plans = {}  # one bit-width is left: no plan can switch any more
         return model

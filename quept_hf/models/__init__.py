@@ -5,10 +5,11 @@ One small `Architecture` per family; the engine in `quept_hf.calibration` never 
 
 from . import encoders, vision, vlm
 from .fold import fold_block_norms, fold_norm
+from .layout import DecoderLayout, find_module
 from .registry import (
-    ModuleRoles,
     Architecture,
     Chain,
+    ModuleRoles,
     architecture_for,
     find_architecture,
     module_roles,
@@ -19,10 +20,12 @@ from .registry import (
 __all__ = [
     "Architecture",
     "Chain",
+    "DecoderLayout",
     "ModuleRoles",
     "architecture_for",
     "encoders",
     "find_architecture",
+    "find_module",
     "fold_block_norms",
     "fold_norm",
     "module_roles",

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
+
+from .layout import GEMMA3_LAYOUT, LLAMA_LAYOUT, DecoderLayout
 
 INPUT_KINDS = ("text", "image", "image_text")
 
@@ -59,6 +61,8 @@ class Architecture:
         stage_transition: attribute of a ``*``-expanded stage run after its last block (Swin: ``"downsample"``).
         first_sample: slices one sample out of a calibration batch (Qwen2-VL packs the patches of all images).
         unbatched_vision: the vision blocks take unbatched packed sequences (see `Chain.unbatched`).
+        layout: where a pre-norm decoder block's norms and projections are (rotation, smoothing, KV-cache
+            quantization need it); ``None``: those transforms are not available for the family.
     """
 
     name: str
@@ -75,6 +79,7 @@ class Architecture:
     stage_transition: str | None = None
     first_sample: Callable[[dict], dict] = first_sample
     unbatched_vision: bool = False
+    layout: DecoderLayout | None = None
 
     def __post_init__(self) -> None:
         if self.input_kind not in INPUT_KINDS:
@@ -193,9 +198,15 @@ def _get_path(module: nn.Module, path: str) -> nn.Module | None:
 DECODER_LLM = register_architecture(
     Architecture(
         name="decoder LLM (LLaMA family)",
-        model_types=("llama", "mistral", "qwen2", "gemma3", "gemma3_text"),
+        model_types=("llama", "mistral", "qwen2"),
         block_paths=("model.layers", "model.language_model.layers", "language_model.model.layers", "layers"),
+        layout=LLAMA_LAYOUT,
     )
+)
+
+# Same blocks as LLaMA; its own layout: (1 + weight) RMSNorms, sandwich norms (no rotation).
+GEMMA3 = register_architecture(
+    replace(DECODER_LLM, name="Gemma 3", model_types=("gemma3", "gemma3_text"), layout=GEMMA3_LAYOUT)
 )
 
 

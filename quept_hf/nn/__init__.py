@@ -8,14 +8,20 @@ from .functional import (
     round_ste,
 )
 from .linear import FLOAT_BITS, QuEPTLinear, WeightDelta
+from .pinned import PINNED_BITS, PinnedConv2d, PinnedLinear, pin_module, pin_modules
 
 __all__ = [
     "CLIP_INIT",
     "FLOAT_BITS",
+    "PINNED_BITS",
+    "PinnedConv2d",
+    "PinnedLinear",
     "QuEPTLinear",
     "WeightDelta",
     "fake_quantize_activation",
     "fake_quantize_weight",
+    "pin_module",
+    "pin_modules",
     "quantize_weight_codes",
     "round_ste",
 ]

@@ -82,3 +82,41 @@ def fake_quantize_activation_per_tensor(x: torch.Tensor, bits: int, scale: torch
     qmax = 2 ** (bits - 1) - 1
     scale = scale.abs().clamp(min=_EPS)
     return torch.clamp(round_ste(x / scale), -qmax - 1, qmax) * scale
+
+
+def fake_quantize_activation_static(x: torch.Tensor, bits: int, log_scale: torch.Tensor) -> torch.Tensor:
+    """Per-tensor quantization with a learnable LOG step size; NaN (not calibrated yet) means dynamic absmax.
+
+    The log parameterisation makes one AdamW learning rate mean the same relative step for tiny and large
+    scales; the NaN fallback keeps an uncalibrated model usable (round-to-nearest) without a data pass.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    dynamic = x.detach().abs().amax().clamp(min=1e-5) / qmax
+    scale = torch.where(torch.isnan(log_scale), dynamic, log_scale.exp())
+    return fake_quantize_activation_per_tensor(x, bits, scale)
+
+
+@torch.no_grad()
+def search_activation_scale(x: torch.Tensor, bits: int, grid: int = 20) -> torch.Tensor:
+    """Per-tensor step size minimising the quantization MSE of ``x`` over clipping ratios 1.0 .. 0.2 of absmax.
+
+    Plain absmax wastes most levels on the rare outliers of post-GELU / post-softmax-weighted activations at
+    4-5 bits; this is the usual percentile/MSE initialisation (RepQ-ViT, PTQ4ViT) before learning the scale.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    absmax = x.abs().amax().clamp(min=1e-5)
+    best, best_err = absmax / qmax, float("inf")
+    for ratio in torch.linspace(1.0, 0.2, grid).tolist():
+        scale = absmax * ratio / qmax
+        err = (torch.clamp(torch.round(x / scale), -qmax - 1, qmax) * scale - x).pow(2).mean().item()
+        if err < best_err:
+            best, best_err = scale, err
+    return best
+
+
+def fake_quantize_per_sample(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Dynamic symmetric absmax quantization with one scale per sample (dim 0): batch-independent outputs."""
+    qmax = 2 ** (bits - 1) - 1
+    dims = tuple(range(1, x.dim())) or (0,)
+    scale = x.detach().abs().amax(dim=dims, keepdim=True).clamp(min=1e-5) / qmax
+    return torch.clamp(round_ste(x / scale), -qmax - 1, qmax) * scale

@@ -9,9 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import CLIP_INIT, fake_quantize_activation, fake_quantize_weight, num_groups
+from .functional import (
+    CLIP_INIT,
+    fake_quantize_activation,
+    fake_quantize_activation_static,
+    fake_quantize_weight,
+    num_groups,
+    search_activation_scale,
+)
 
 FLOAT_BITS = 16
+ACTIVATION_GRANULARITIES = ("per_token", "per_tensor")
 
 
 class WeightDelta(Protocol):
@@ -39,6 +47,10 @@ class QuEPTLinear(nn.Module):
     ``Q_b(W + delta) x`` — the MB-CLoRA delta enters BEFORE quantization (weight-space LoRA, spec section 3).
     ``active_bits >= 16`` runs the float weights.
 
+    Activations (``quantize_activations``) are quantized per token, dynamically (LLMs), or — with
+    ``activation_granularity="per_tensor"`` (ViTs, spec section 1) — per tensor with a static step size per
+    bit-width, ``clip_act[b]`` (its log), set from calibration data and learned with the clipping logits.
+
     When nothing needs a gradient, the quantized weight is cached per (bits, delta source) and re-used,
     so inference after a switch costs about one float matmul. The cache key includes the tensors'
     in-place version counters, so loading weights or an optimiser step invalidates it automatically.
@@ -53,6 +65,7 @@ class QuEPTLinear(nn.Module):
         bits: list[int],
         group_size: dict[int, int],
         quantize_activations: bool = False,
+        activation_granularity: str = "per_token",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -61,6 +74,9 @@ class QuEPTLinear(nn.Module):
         self.bits = sorted(bits)
         self.group_size = {int(b): int(group_size[b]) for b in self.bits}
         self.quantize_activations = quantize_activations
+        if activation_granularity not in ACTIVATION_GRANULARITIES:
+            raise ValueError(f"activation_granularity={activation_granularity!r}; allowed: {ACTIVATION_GRANULARITIES}")
+        self.activation_granularity = activation_granularity
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype), False)
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), False) if bias else None
         self.clip_upper = nn.ParameterDict()
@@ -69,6 +85,10 @@ class QuEPTLinear(nn.Module):
             shape = (out_features, num_groups(in_features, self.group_size[b]))
             self.clip_upper[str(b)] = nn.Parameter(torch.full(shape, CLIP_INIT, device=device, dtype=dtype))
             self.clip_lower[str(b)] = nn.Parameter(torch.full(shape, CLIP_INIT, device=device, dtype=dtype))
+        self.clip_act = nn.ParameterDict()  # per-tensor activations only: log step size per bit, NaN = dynamic
+        if quantize_activations and activation_granularity == "per_tensor":
+            for b in self.bits:
+                self.clip_act[str(b)] = nn.Parameter(torch.full((), float("nan"), device=device, dtype=dtype), False)
         self.active_bits = max(self.bits)
         self.activation_bits: int | None = None  # None: follow active_bits when quantize_activations
         self.input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -99,7 +119,17 @@ class QuEPTLinear(nn.Module):
                     torch.full(param.shape, CLIP_INIT, device=self.weight.device, dtype=self.weight.dtype),
                     requires_grad=param.requires_grad,
                 )
+        for key in list(self.clip_act):
+            self.clip_act[key] = nn.Parameter(
+                torch.full((), float("nan"), device=self.weight.device, dtype=self.weight.dtype), False
+            )
         self._cache = None
+
+    @torch.no_grad()
+    def init_activation_scales(self, inputs: torch.Tensor) -> None:
+        """Set every bit-width's per-tensor step size from sample inputs (MSE-optimal clipping ratio)."""
+        for key, param in self.clip_act.items():
+            param.copy_(search_activation_scale(inputs.float(), int(key)).log().to(param.dtype))
 
     def set_bits(self, bits: int) -> None:
         if bits not in self.bits and bits < FLOAT_BITS:
@@ -110,7 +140,7 @@ class QuEPTLinear(nn.Module):
         """Keep one bit-width only (after merging an adapter): switching is disabled from then on."""
         self.set_bits(bits)
         self.bits = [bits]
-        for params in (self.clip_upper, self.clip_lower):
+        for params in (self.clip_upper, self.clip_lower, self.clip_act):
             for key in [k for k in params if k != str(bits)]:
                 del params[key]
 
@@ -133,6 +163,8 @@ class QuEPTLinear(nn.Module):
             x = self.input_transform(x)
         act_bits = self.activation_bits if self.activation_bits is not None else self.active_bits
         if self.quantize_activations and act_bits < FLOAT_BITS:
+            if self.activation_granularity == "per_tensor":
+                return fake_quantize_activation_static(x, act_bits, self.clip_act[str(act_bits)])
             x = fake_quantize_activation(x, act_bits)
         return x
 
@@ -167,6 +199,7 @@ class QuEPTLinear(nn.Module):
 
     def extra_repr(self) -> str:
         mode = "W+A" if self.quantize_activations else "W"
+        mode += " per-tensor" if self.quantize_activations and self.activation_granularity == "per_tensor" else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"bits={self.bits}, active_bits={self.active_bits}, mode={mode}"

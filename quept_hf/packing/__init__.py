@@ -1,0 +1,24 @@
+"""Real low-bit storage: dense packing of 2..8-bit codes, the `PackedLinear` layer, export and interop.
+
+``quept_hf.export(model, "w3", out_dir)`` freezes an elastic model at one bit-width (or a mixed plan) and writes
+a transformers folder with packed weights that ``from_pretrained`` loads through the ``"quept"`` method;
+`quept_hf.packing.interop.export_compressed_tensors` writes compressed-tensors ``pack-quantized`` instead.
+"""
+
+from .codec import pack, packed_cols, unpack
+from .export import QuantizedLinear, export, pack_model, quantize_layers, resolve_plan
+from .linear import PackedLinear, dequantize_codes, set_weight_cache
+
+__all__ = [
+    "PackedLinear",
+    "QuantizedLinear",
+    "dequantize_codes",
+    "export",
+    "pack",
+    "pack_model",
+    "packed_cols",
+    "quantize_layers",
+    "resolve_plan",
+    "set_weight_cache",
+    "unpack",
+]

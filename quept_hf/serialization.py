@@ -1,0 +1,327 @@
+"""Saving an elastic QuEPT model WITH its MB-CLoRA adapters as one folder that ``from_pretrained`` restores.
+
+Why this module exists
+----------------------
+Once adapters are attached through transformers' PEFT integration (``model.add_adapter`` / ``load_adapter``,
+i.e. ``model._hf_peft_config_loaded`` is set), transformers' ``save_pretrained`` writes ONLY the adapter: no
+``config.json``, no base weights. Yet an elastic QuEPT model is worth nothing without its base weights and
+per-bit clipping logits. Conversely, transformers' ``from_pretrained`` of a folder holding BOTH ``config.json``
+and ``adapter_config.json`` loads the full model and then calls ``load_adapter`` on the same folder
+(``transformers.integrations.peft.maybe_load_adapters``). So one folder with
+
+* the base QuEPT model in transformers format: ``config.json`` (with ``quantization_config``), generation
+  config and ``model.safetensors`` (sharded as transformers shards it), keys in the ORIGINAL module naming
+  (``...q_proj.weight``, ``...q_proj.clip_upper.4``: the PEFT ``.base_layer`` level is stripped and the
+  ``mbclora_`` tensors are left out), written by transformers' own ``save_pretrained``; and
+* the elastic adapter in PEFT format: ``adapter_config.json`` + ``adapter_model.safetensors`` with
+  ``base_model.model.`` keys, exactly what ``peft.PeftModel.save_pretrained`` writes (so PEFT tooling reads it),
+
+is restored, every bit-width included, by ``AutoModelForCausalLM.from_pretrained(folder)`` after
+``import quept_hf``; ``model.set_adapter("w4")`` then switches. ``adapter_config.json`` names the folder (or,
+when pushing, the Hub repo id) as ``base_model_name_or_path``: for a Hub repo id transformers replaces the
+path to load by that value, which must therefore point back at the same repo.
+
+`save_elastic` writes that folder; `install_elastic_save` makes a transformers model's own ``save_pretrained``
+and ``push_to_hub`` use it while adapters are attached. ``peft.PeftModel.save_pretrained`` is untouched (it
+writes the adapter only, as PEFT always does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+import functools
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+
+import torch
+from peft.utils.constants import CONFIG_NAME as ADAPTER_CONFIG_NAME
+from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
+from safetensors.torch import save_file
+from torch import nn
+
+from .mbclora.config import MBCLoRAConfig
+from .mbclora.layer import MBCLoRALayer
+
+PEFT_KEY_PREFIX = "base_model.model."
+# Hub arguments of ``save_pretrained(push_to_hub=True, ...)`` that go to ``push_to_hub`` instead.
+_HUB_ARGS = ("commit_message", "commit_description", "private", "token", "revision", "create_pr", "tags")
+
+# transformers' ``save_pretrained`` parameters after ``save_directory``, in order (for positional calls).
+_SAVE_PRETRAINED_POSITIONAL = ("is_main_process", "state_dict", "push_to_hub", "max_shard_size", "variant", "token")
+
+_MISSING = object()
+# Instance attribute holding the base model's own ``_weight_conversions`` (see `_saving_as_plain_model`).
+_BASE_CONVERSIONS = "_quept_base_weight_conversions"
+
+# The Hub repo id that `push_to_hub` is uploading to, so the adapter config can name it.
+_PUSHING_TO: contextvars.ContextVar[str | None] = contextvars.ContextVar("quept_pushing_to", default=None)
+
+
+# ----------------------------------------------------------------------------------------- inspection
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def _adapter_layers(model: nn.Module) -> dict[str, MBCLoRALayer]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, MBCLoRALayer)}
+
+
+def elastic_adapter(model: nn.Module) -> tuple[str, MBCLoRAConfig] | None:
+    """``(name, config)`` of the model's elastic MB-CLoRA adapter, or ``None`` when it carries none."""
+    model = _unwrap(model)
+    if not _adapter_layers(model):
+        return None
+    configs = getattr(model, "peft_config", None) or {}
+    roots = [(name, config) for name, config in dict.items(configs) if isinstance(config, MBCLoRAConfig)]
+    if len(roots) != 1:
+        raise ValueError(f"expected one elastic MB-CLoRA adapter on the model, found {[n for n, _ in roots]}")
+    return roots[0]
+
+
+def base_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The model's state dict as if no adapter were attached: ``q_proj.base_layer.weight`` -> ``q_proj.weight``,
+    ``mbclora_`` tensors dropped. ``state_dict`` defaults to ``model.state_dict()`` (same naming)."""
+    model = _unwrap(model)
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    wrapped = set(_adapter_layers(model))
+    out = {}
+    for key, value in state_dict.items():
+        owner, rest = _split_at_owner(key, wrapped)
+        if owner is None:
+            out[key] = value
+        elif rest.startswith("base_layer."):
+            out[f"{owner}.{rest.removeprefix('base_layer.')}"] = value
+        elif not rest.startswith(MBCLoRALayer.adapter_layer_names):
+            out[key] = value
+    return out
+
+
+def _split_at_owner(key: str, owners: set[str]) -> tuple[str | None, str]:
+    """``("a.q_proj", "base_layer.weight")`` for key ``a.q_proj.base_layer.weight`` when ``a.q_proj`` is an owner."""
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:cut])
+        if prefix in owners:
+            return prefix, ".".join(parts[cut:])
+    return None, key
+
+
+def adapter_state_dict(
+    model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The adapter tensors with ``base_model.model.`` keys, exactly as ``PeftModel.save_pretrained`` writes them."""
+    from peft import get_peft_model_state_dict
+
+    model = _unwrap(model)
+    tensors = get_peft_model_state_dict(model, state_dict, adapter_name=adapter_name, save_embedding_layers=False)
+    return {PEFT_KEY_PREFIX + key: value.contiguous() for key, value in tensors.items()}
+
+
+# -------------------------------------------------------------------------------------------- saving
+
+
+def save_elastic(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    *,
+    is_main_process: bool = True,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    push_to_hub: bool = False,
+    base_model_name_or_path: str | None = None,
+    **kwargs,
+) -> None:
+    """Save a QuEPT model and its elastic MB-CLoRA adapter as one folder (see the module docstring).
+
+    Args:
+        model: a transformers model carrying MB-CLoRA adapters, or a ``peft.PeftModel`` wrapping one.
+        save_directory: folder to write; created if needed.
+        is_main_process, state_dict: as in transformers' ``save_pretrained`` (``state_dict`` in the model's own
+            naming, adapter tensors included).
+        push_to_hub: also upload the folder's content (``repo_id`` etc. in ``kwargs``, as transformers takes them).
+        base_model_name_or_path: written to ``adapter_config.json``; default: the Hub repo id when pushing, else
+            ``save_directory``.
+        kwargs: passed on to transformers' ``save_pretrained`` (``max_shard_size``, ``variant``, ...).
+    """
+    base = _unwrap(model)
+    found = elastic_adapter(base)
+    if found is None:
+        raise ValueError(f"{type(base).__name__} carries no MB-CLoRA adapter: use its save_pretrained")
+    adapter_name, config = found
+    save_directory = os.fspath(save_directory)
+    hub_args = {name: kwargs.pop(name) for name in _HUB_ARGS if name in kwargs}
+    repo_id = kwargs.pop("repo_id", None)
+    full = dict(base.state_dict() if state_dict is None else state_dict)
+
+    to_save = base_state_dict(base, full)
+    with _saving_as_plain_model(base, to_save):
+        type(base).save_pretrained(base, save_directory, is_main_process=is_main_process, state_dict=to_save, **kwargs)
+    if is_main_process:
+        target = base_model_name_or_path or _PUSHING_TO.get() or save_directory
+        _write_adapter(base, adapter_name, config, save_directory, adapter_state_dict(base, adapter_name, full), target)
+        _write_sensitivity(base, save_directory)
+    if push_to_hub:
+        repo_id = repo_id or os.path.basename(os.path.normpath(save_directory))
+        _elastic_push_to_hub(base, repo_id, max_shard_size=kwargs.get("max_shard_size", "50GB"), **hub_args)
+
+
+@contextlib.contextmanager
+def _saving_as_plain_model(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Make transformers' ``save_pretrained`` write ``state_dict`` (the base model), not the adapter only.
+
+    Three things steer it to the adapter-only path or away from a ``state_dict`` argument:
+
+    * the ``_hf_peft_config_loaded`` flag: switched off;
+    * the quantizer's ``get_state_dict_and_metadata`` hook, whose result replaces any ``state_dict`` argument (the
+      base hook returns ``None``: "use model.state_dict()"): it answers ``state_dict`` (or its own state dict,
+      renamed the same way, if it has one);
+    * ``model._weight_conversions``, reverted on save to get the checkpoint's original key names: ``load_adapter``
+      overwrites it with the ADAPTER's renamings (``base_model.model.`` prefix...), so the base model's own
+      conversions, recorded by `install_elastic_save` before any adapter was loaded, are put back meanwhile.
+    """
+    peft_flag = getattr(model, "_hf_peft_config_loaded", False)
+    conversions = vars(model).get("_weight_conversions", _MISSING)
+    if _BASE_CONVERSIONS in vars(model):  # None: transformers then uses the class's default conversions
+        model._weight_conversions = vars(model)[_BASE_CONVERSIONS]
+    quantizer = getattr(model, "hf_quantizer", None)
+    shadowed = quantizer is not None and "get_state_dict_and_metadata" in vars(quantizer)
+    previous = vars(quantizer).get("get_state_dict_and_metadata") if quantizer is not None else None
+    if quantizer is not None:
+        original = quantizer.get_state_dict_and_metadata
+
+        def base_only(target: nn.Module):
+            own, metadata = original(target)
+            return (state_dict if own is None else base_state_dict(target, own)), metadata
+
+        quantizer.get_state_dict_and_metadata = base_only
+    model._hf_peft_config_loaded = False
+    try:
+        yield
+    finally:
+        model._hf_peft_config_loaded = peft_flag
+        _set_or_delete(model, "_weight_conversions", conversions)
+        if quantizer is not None:
+            if shadowed:
+                quantizer.get_state_dict_and_metadata = previous
+            else:
+                del quantizer.get_state_dict_and_metadata
+
+
+def _set_or_delete(model: nn.Module, name: str, value: object) -> None:
+    if value is _MISSING:
+        vars(model).pop(name, None)
+    else:
+        setattr(model, name, value)
+
+
+def _write_adapter(
+    model: nn.Module,
+    adapter_name: str,
+    config: MBCLoRAConfig,
+    save_directory: str,
+    tensors: dict[str, torch.Tensor],
+    base_model_name_or_path: str,
+) -> None:
+    """``adapter_model.safetensors`` + ``adapter_config.json`` as PEFT writes them, each replaced atomically."""
+    config = copy.deepcopy(config)
+    config.base_model_name_or_path = base_model_name_or_path
+    config.inference_mode = True
+    auto_mapping = None
+    if config.task_type is None:  # as PeftModel.save_pretrained does, for AutoPeftModel
+        auto_mapping = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+    os.makedirs(save_directory, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".quept-adapter-", dir=save_directory)
+    try:
+        save_file(tensors, os.path.join(staging, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        config.save_pretrained(staging, auto_mapping_dict=auto_mapping)
+        for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
+            os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_sensitivity(model: nn.Module, save_directory: str | os.PathLike) -> None:
+    """The mixed-precision sensitivity table the model carries, if any, next to its weights (so new plans need
+    no new measurement after ``from_pretrained``)."""
+    from .mixed_precision import save_sensitivity
+
+    save_sensitivity(model, save_directory)
+
+
+# ------------------------------------------------------------------------- the transformers overrides
+
+
+def _elastic_save_pretrained(self, save_directory, *args, **kwargs):
+    """``save_pretrained`` of a QuEPT model: with MB-CLoRA adapters attached, the whole elastic model.
+
+    transformers' own ``save_pretrained`` writes only the adapter of a model with adapters attached, which for a
+    QuEPT model would lose the base weights and per-bit clipping. While MB-CLoRA adapters are attached this
+    writes the base model AND the adapter into one folder (`quept_hf.serialization.save_elastic`), which
+    ``from_pretrained(folder)`` restores with every bit-width; without adapters (none attached, or after
+    ``merge_and_unload``) it is transformers' ``save_pretrained`` unchanged. Installed per instance by
+    `install_elastic_save` when MB-CLoRA is injected into a transformers model.
+    """
+    if elastic_adapter(self) is None:
+        result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
+        if dict(zip(_SAVE_PRETRAINED_POSITIONAL, args, strict=False)).get("is_main_process", True) and kwargs.get(
+            "is_main_process", True
+        ):
+            _write_sensitivity(self, save_directory)
+        return result
+    kwargs.update(zip(_SAVE_PRETRAINED_POSITIONAL, args, strict=False))
+    return save_elastic(self, save_directory, **kwargs)
+
+
+def _elastic_push_to_hub(self, repo_id: str, **kwargs):
+    """``push_to_hub`` of a QuEPT model: uploads the folder `save_elastic` writes when adapters are attached.
+
+    transformers' ``push_to_hub`` saves through ``save_pretrained`` (elastic, see `_elastic_save_pretrained`)
+    into a temporary folder; the resolved repo id is handed to it so ``adapter_config.json`` names the repo as
+    ``base_model_name_or_path`` (which ``from_pretrained(repo_id)`` then loads the base model from).
+    """
+    if elastic_adapter(self) is None:
+        return type(self).push_to_hub(self, repo_id, **kwargs)
+    from transformers.utils.hub import hf_api
+
+    full_id = hf_api().create_repo(repo_id, private=kwargs.get("private"), token=kwargs.get("token"), exist_ok=True)
+    token = _PUSHING_TO.set(full_id.repo_id)
+    try:
+        return type(self).push_to_hub(self, full_id.repo_id, **kwargs)
+    finally:
+        _PUSHING_TO.reset(token)
+
+
+class _BoundOverride:
+    """``function`` bound to ``model``, like a method, but picklable (``torch.save(model)``) and deep-copyable
+    with its model (a ``types.MethodType`` instance attribute would pickle as ``getattr(model, function name)``)."""
+
+    def __init__(self, function: Callable, model: nn.Module):
+        functools.update_wrapper(self, function)
+        self.__func__, self.__self__ = function, model
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<quept_hf override {self.__func__.__name__} of {type(self.__self__).__name__}>"
+
+
+def install_elastic_save(model: nn.Module) -> None:
+    """Route a transformers model's ``save_pretrained`` / ``push_to_hub`` through `save_elastic` while it
+    carries MB-CLoRA adapters (instance attributes; idempotent; a ``deepcopy`` keeps them bound to the copy).
+
+    Call it when the adapters are injected, before their weights are loaded: it also records the model's own
+    weight conversions, which transformers' ``load_adapter`` replaces by the adapter's."""
+    if _BASE_CONVERSIONS not in vars(model):
+        setattr(model, _BASE_CONVERSIONS, vars(model).get("_weight_conversions"))
+    for name, function in (("save_pretrained", _elastic_save_pretrained), ("push_to_hub", _elastic_push_to_hub)):
+        current = vars(model).get(name)
+        if getattr(current, "__func__", None) is not function:
+            setattr(model, name, _BoundOverride(function, model))
