@@ -36,6 +36,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-windows", type=int, default=40, help="512-token held-out windows")
     parser.add_argument("--token-merge", default="mbtome", choices=["mbtome", "uniform", "none"])
     parser.add_argument("--cascade-training", default="owned", choices=["owned", "joint"])
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="save the calibrated model to this folder")
     return parser.parse_args()
 
@@ -44,7 +45,7 @@ def main() -> None:
     args = parse_args()
     if args.quick:
         args.num_samples, args.seq_len, args.epochs, args.rank, args.eval_windows = 16, 256, 2, 16, 8
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     folder = smollm2_float_dir()
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -2,7 +2,7 @@
 
     python benchmarks/lowbit_transforms.py            # the fuller setting
     python benchmarks/lowbit_transforms.py --quick    # short schedule for 2 busy CPU cores
-    python benchmarks/lowbit_transforms.py --quick --part wa     # one part: wa, wo or kv
+    python benchmarks/lowbit_transforms.py --quick --part wa     # one part: wa (with kv), wo or kv
 
 Every model is calibrated with QuEPT on Wikipedia articles and evaluated on OTHER articles
 (quept_hf.assets.wikipedia_split), held-out perplexity on 512-token windows:
@@ -43,7 +43,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--rank", type=int, default=32, help="rank each bit group adds to the cascade")
     parser.add_argument("--eval-windows", type=int, default=40, help="512-token held-out windows")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine: no spinning)")
     return parser.parse_args()
 
 
@@ -71,6 +71,9 @@ class Bench:
         )
         config.ranks = [self.args.rank] * len(config.bit_groups)
         model = AutoModelForCausalLM.from_pretrained(self.folder, quantization_config=config, dtype=torch.float32)
+        if mode == "weight_activation":  # round-to-nearest W4A4 first: the rotation alone, before calibration
+            quept_hf.set_bits(model.eval(), 4)
+            self.record("wa", f"RTN{' rotation' if transforms.get('rotation') else ''}", "W4A4", self.ppl(model))
         start = time.perf_counter()
         quept_hf.calibrate(model.eval(), self.calib_texts, tokenizer=self.tokenizer, epochs=self.args.epochs)
         print(f"  calibrated {mode} {transforms} in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
@@ -78,7 +81,7 @@ class Bench:
 
     def record(self, part: str, setting: str, bits: str, value: float) -> None:
         self.rows.append({"part": part, "setting": setting, "bits": bits, "ppl": round(value, 3)})
-        print(f"  {part:3} {setting:14} {bits:10} ppl {value:9.2f}", flush=True)
+        print(f"  {part:3} {setting:14} {bits:10} ppl {value:10.2f}", flush=True)
 
     def float_ppl(self) -> None:
         model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=torch.float32).eval()
@@ -90,7 +93,7 @@ class Bench:
             for bits in (4, 6, 8):
                 quept_hf.set_bits(model, bits)
                 self.record("wa", "rotation" if rotation else "no rotation", f"W{bits}A{bits}", self.ppl(model))
-            if rotation and self.args.part in ("all", "kv"):
+            if rotation:
                 self.kv_cache(model)
             del model
             gc.collect()
@@ -124,7 +127,8 @@ class Bench:
 
     def save(self) -> None:
         RESULTS.mkdir(exist_ok=True)
-        name = "lowbit_transforms" + ("_quick" if self.args.quick else "") + ".csv"
+        part = "" if self.args.part == "all" else f"_{self.args.part}"
+        name = f"lowbit_transforms{part}{'_quick' if self.args.quick else ''}.csv"
         with open(RESULTS / name, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=["part", "setting", "bits", "ppl"])
             writer.writeheader()
@@ -134,7 +138,7 @@ class Bench:
 def main() -> None:
     args = parse_args()
     if args.quick:
-        args.num_samples, args.seq_len, args.epochs, args.rank, args.eval_windows = 16, 256, 2, 16, 8
+        args.num_samples, args.seq_len, args.epochs, args.rank, args.eval_windows = 16, 256, 1, 16, 8
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     bench = Bench(args)

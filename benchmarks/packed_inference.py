@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
+import pkgutil
 import shutil
 import statistics
 import tempfile
@@ -133,15 +135,19 @@ def elastic_model(folder: str, tokenizer, calib_texts: list[str], args: argparse
     return model.eval()
 
 
-def mixed_plan(model: nn.Module, tokenizer, calib_texts: list[str]) -> str | None:
-    """``mixed-3.25`` from a block-granularity sensitivity table (None when the feature is unavailable)."""
+def mixed_plan(model: nn.Module, tokenizer, calib_texts: list[str], args: argparse.Namespace) -> str | None:
+    """``mixed-3.25`` from a block-granularity sensitivity table (None when the feature is unavailable).
+
+    ``--quick`` measures bit-widths 2..5 only (enough for a 3.25 budget) on 2 windows of 64 tokens.
+    """
     try:
         from quept_hf.mixed_precision import plan_mixed_precision
     except ImportError:
         return None
     start = time.perf_counter()
+    measure = {"bits": [2, 3, 4, 5], "num_samples": 2, "seq_len": 64} if args.quick else {"num_samples": 8}
     plans = plan_mixed_precision(
-        model, calib_texts, tokenizer=tokenizer, avg_bits=MIXED_TARGET, granularity="block", num_samples=4
+        model, calib_texts, tokenizer=tokenizer, avg_bits=MIXED_TARGET, granularity="block", **measure
     )
     print(f"mixed plan: {time.perf_counter() - start:.0f}s", flush=True)
     return next(iter(plans))
@@ -191,8 +197,15 @@ def row_for(target, model, reference, tokenizer, eval_texts, prompt, workdir: Pa
     return row
 
 
+def import_everything() -> None:
+    """Import every quept_hf module now, so a broken import fails the run at once, not an hour into it."""
+    for module in pkgutil.walk_packages(quept_hf.__path__, "quept_hf."):
+        importlib.import_module(module.name)
+
+
 def main() -> None:
     args = parse_args()
+    import_everything()
     if args.quick:
         args.epochs, args.num_samples, args.seq_len, args.rank, args.eval_windows = 1, 8, 128, 8, 4
         args.new_tokens, args.repeats = 16, 2
@@ -209,9 +222,9 @@ def main() -> None:
         reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         rows = [float_row(reference, folder, tokenizer, eval_texts, prompt, args)]
         model = elastic_model(folder, tokenizer, calib_texts, args)
-        plan = mixed_plan(model, tokenizer, calib_texts)
         model.save_pretrained(workdir / "elastic")
         elastic_mb = folder_bytes(workdir / "elastic") / 1e6
+        plan = mixed_plan(model, tokenizer, calib_texts, args)
         for target in [*BITS, *([plan] if plan else [])]:
             rows.append(row_for(target, model, reference, tokenizer, eval_texts, prompt, workdir, args))
             print(format_row(rows[-1]), flush=True)

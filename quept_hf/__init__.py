@@ -5,7 +5,7 @@
 model both work.
 """
 
-from . import mbclora
+from . import hub, mbclora
 from .calibration import calibrate
 from .config import QuEPTConfig
 from .mbclora import MBCLoRAConfig
@@ -30,6 +30,7 @@ __all__ = [
     "calibrate",
     "export",
     "get_bits",
+    "hub",
     "pack_model",
     "plan_mixed_precision",
     "quantize_model",

@@ -173,6 +173,7 @@ class QuEPTHfQuantizer(HfQuantizer):
         from .switch import set_bits
 
         set_bits(model, config.default_bits)
+        _install_hub_hooks(model)
         if config.quantize_attention_probs:
             register_attention()
             model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
@@ -193,6 +194,18 @@ class QuEPTHfQuantizer(HfQuantizer):
     @property
     def is_qat_trainable(self) -> bool:
         return True
+
+
+def _install_hub_hooks(model: nn.Module) -> None:
+    """From loading on, ``save_pretrained`` / ``push_to_hub`` / ``load_adapter`` of an elastic transformers model go
+    through quept_hf (metadata, model card, uncalibrated-push refusal, complete-adapter check), adapters or not.
+    Before ``load_adapter`` runs, so the elastic save records the model's own weight conversions."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        from .hub import install
+
+        install(model)
 
 
 def _install_transforms(model: nn.Module, config: QuEPTConfig, rotate: bool) -> None:

@@ -48,7 +48,9 @@ from .mbclora.layer import MBCLoRALayer
 
 PEFT_KEY_PREFIX = "base_model.model."
 # Hub arguments of ``save_pretrained(push_to_hub=True, ...)`` that go to ``push_to_hub`` instead.
-_HUB_ARGS = ("commit_message", "commit_description", "private", "token", "revision", "create_pr", "tags")
+_HUB_ARGS = (
+    "commit_message", "commit_description", "private", "token", "revision", "create_pr", "tags", "allow_uncalibrated",
+)  # fmt: skip
 
 # transformers' ``save_pretrained`` parameters after ``save_directory``, in order (for positional calls).
 _SAVE_PRETRAINED_POSITIONAL = ("is_main_process", "state_dict", "push_to_hub", "max_shard_size", "variant", "token")
@@ -161,12 +163,14 @@ def save_elastic(
     full = dict(base.state_dict() if state_dict is None else state_dict)
 
     to_save = base_state_dict(base, full)
+    _stamp_metadata(base)
     with _saving_as_plain_model(base, to_save):
         type(base).save_pretrained(base, save_directory, is_main_process=is_main_process, state_dict=to_save, **kwargs)
     if is_main_process:
         target = base_model_name_or_path or _PUSHING_TO.get() or save_directory
         _write_adapter(base, adapter_name, config, save_directory, adapter_state_dict(base, adapter_name, full), target)
         _write_sensitivity(base, save_directory)
+        _write_card(base, save_directory)
     if push_to_hub:
         repo_id = repo_id or os.path.basename(os.path.normpath(save_directory))
         _elastic_push_to_hub(base, repo_id, max_shard_size=kwargs.get("max_shard_size", "50GB"), **hub_args)
@@ -255,6 +259,30 @@ def _write_sensitivity(model: nn.Module, save_directory: str | os.PathLike) -> N
     save_sensitivity(model, save_directory)
 
 
+def _stamp_metadata(model: nn.Module) -> None:
+    """Bit-switch metadata into the QuEPTConfig before config.json is written (`quept_hf.hub.stamp_metadata`)."""
+    from .hub import stamp_metadata
+
+    stamp_metadata(model)
+
+
+def _write_card(model: nn.Module, save_directory: str | os.PathLike) -> None:
+    """README.md (+ quality plot) next to the weights (`quept_hf.hub.write_card_files`)."""
+    from .hub import write_card_files
+
+    write_card_files(model, save_directory)
+
+
+@contextlib.contextmanager
+def pushing_to(repo_id: str) -> Iterator[None]:
+    """While uploading to ``repo_id``, saves name it in ``adapter_config.json`` (see `save_elastic`)."""
+    token = _PUSHING_TO.set(repo_id)
+    try:
+        yield
+    finally:
+        _PUSHING_TO.reset(token)
+
+
 # ------------------------------------------------------------------------- the transformers overrides
 
 
@@ -265,37 +293,42 @@ def _elastic_save_pretrained(self, save_directory, *args, **kwargs):
     QuEPT model would lose the base weights and per-bit clipping. While MB-CLoRA adapters are attached this
     writes the base model AND the adapter into one folder (`quept_hf.serialization.save_elastic`), which
     ``from_pretrained(folder)`` restores with every bit-width; without adapters (none attached, or after
-    ``merge_and_unload``) it is transformers' ``save_pretrained`` unchanged. Installed per instance by
-    `install_elastic_save` when MB-CLoRA is injected into a transformers model.
+    ``merge_and_unload``) it is transformers' ``save_pretrained`` (`_plain_save_pretrained`). Both add the
+    bit-switch metadata and the model card (`quept_hf.hub`). Installed per instance by `install_elastic_save`
+    when MB-CLoRA is injected into a transformers model, and by the quantizer after loading (`quept_hf.hub.install`).
     """
-    if elastic_adapter(self) is None:
-        result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
-        if dict(zip(_SAVE_PRETRAINED_POSITIONAL, args, strict=False)).get("is_main_process", True) and kwargs.get(
-            "is_main_process", True
-        ):
-            _write_sensitivity(self, save_directory)
-        return result
     kwargs.update(zip(_SAVE_PRETRAINED_POSITIONAL, args, strict=False))
+    if elastic_adapter(self) is None:
+        return _plain_save_pretrained(self, save_directory, **kwargs)
     return save_elastic(self, save_directory, **kwargs)
 
 
+def _plain_save_pretrained(model: nn.Module, save_directory, push_to_hub: bool = False, **kwargs):
+    """transformers' ``save_pretrained`` plus metadata, sensitivity table and card; a push goes through
+    `quept_hf.hub.push_to_hub` (transformers' would skip its checks and overwrite the card)."""
+    hub_args = {name: kwargs.pop(name) for name in (*_HUB_ARGS, "repo_id") if name in kwargs}
+    _stamp_metadata(model)
+    result = type(model).save_pretrained(model, save_directory, **kwargs)
+    if kwargs.get("is_main_process", True):
+        _write_sensitivity(model, save_directory)
+        _write_card(model, save_directory)
+    if push_to_hub:
+        repo_id = hub_args.pop("repo_id", None) or os.path.basename(os.path.normpath(os.fspath(save_directory)))
+        _elastic_push_to_hub(model, repo_id, max_shard_size=kwargs.get("max_shard_size", "50GB"), **hub_args)
+    return result
+
+
 def _elastic_push_to_hub(self, repo_id: str, **kwargs):
-    """``push_to_hub`` of a QuEPT model: uploads the folder `save_elastic` writes when adapters are attached.
+    """``push_to_hub`` of a QuEPT model: `quept_hf.hub.push_to_hub`.
 
-    transformers' ``push_to_hub`` saves through ``save_pretrained`` (elastic, see `_elastic_save_pretrained`)
-    into a temporary folder; the resolved repo id is handed to it so ``adapter_config.json`` names the repo as
-    ``base_model_name_or_path`` (which ``from_pretrained(repo_id)`` then loads the base model from).
+    It saves the folder `save_elastic` writes (when adapters are attached) into a temporary folder under
+    `pushing_to`, so ``adapter_config.json`` names the repo as ``base_model_name_or_path`` (which
+    ``from_pretrained(repo_id)`` then loads the base model from), adds the model card and quality plot, and
+    refuses an uncalibrated model unless ``allow_uncalibrated=True``.
     """
-    if elastic_adapter(self) is None:
-        return type(self).push_to_hub(self, repo_id, **kwargs)
-    from transformers.utils.hub import hf_api
+    from .hub import push_to_hub
 
-    full_id = hf_api().create_repo(repo_id, private=kwargs.get("private"), token=kwargs.get("token"), exist_ok=True)
-    token = _PUSHING_TO.set(full_id.repo_id)
-    try:
-        return type(self).push_to_hub(self, full_id.repo_id, **kwargs)
-    finally:
-        _PUSHING_TO.reset(token)
+    return push_to_hub(self, repo_id, **kwargs)
 
 
 class _BoundOverride:

@@ -166,7 +166,8 @@ def test_rotated_model_saves_and_reloads(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "rotated").eval()
     saved = loaded.config.quantization_config
     assert saved.rotation is True and saved.kv_bits == 4 and loaded.config.tie_word_embeddings is False
-    assert all(isinstance(layer.mlp.down_proj.input_transform, OnlineHadamard) for layer in loaded.model.layers)
+    downs = [layer.mlp.down_proj.base_layer for layer in loaded.model.layers]  # under the MB-CLoRA adapter
+    assert all(isinstance(down.input_transform, OnlineHadamard) for down in downs)
     assert loaded.config._attn_implementation.startswith("quept_kv_")
     set_bits(loaded, 4)
     assert torch.equal(logits(loaded), expected)  # bit for bit: same weights, same online transforms
@@ -184,12 +185,16 @@ def test_online_hadamard_cuda_kernel_matches_cpu():
     for n in (64, 576, 1536, 11008):
         x = torch.randn(3, 5, n)
         assert torch.allclose(ONLINE_HADAMARD(x.cuda()).cpu(), hadamard_transform(x), atol=1e-4)
-    model = tiny_llama(hidden=96)
-    rotated = quantized(model, mode="weight_activation")
-    set_bits(rotated, 4)
-    cpu = logits(rotated)
-    gpu = logits(rotated.cuda(), ids().cuda()).cpu()
-    assert max_diff(gpu, cpu) <= 1e-3 * cpu.abs().max().item()
+    rotated = quantized(tiny_llama(hidden=96), mode="weight_activation", kv_bits=4)  # Q/K Hadamard too
+    cpu = {}
+    for bits in (16, 4):
+        set_bits(rotated, bits)
+        cpu[bits] = logits(rotated)
+    rotated.cuda()
+    for bits, tolerance in ((16, 1e-4), (4, 5e-2)):  # W4A4: a rare rounding flip moves a logit a little
+        set_bits(rotated, bits)
+        gpu = logits(rotated, ids().cuda()).cpu()
+        assert max_diff(gpu, cpu[bits]) <= tolerance * cpu[bits].abs().max().item()
 
 
 # ---------------------------------------------------------------------------------------------- smoothing

@@ -20,7 +20,7 @@ from PIL import Image
 IMAGE_SIZE = 32
 VOCAB = 200
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"]
-_TEXT = dict(vocab_size=VOCAB, hidden_size=int(__import__("os").environ.get("HID", "32")), intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+_TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 _VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=IMAGE_SIZE)
 CAPTIONS = [
     "a cat on a mat",
@@ -119,7 +119,7 @@ def vit(tmp_path, kind: str = "vit") -> Tiny:
         model = T.Dinov2Model(T.Dinov2Config(**{**_VIT, "intermediate_size": None}, patch_size=8, mlp_ratio=2))
     elif kind == "swin":
         config = T.SwinConfig(
-            image_size=IMAGE_SIZE, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4
+            image_size=IMAGE_SIZE, patch_size=4, embed_dim=16, depths=[2, 1], num_heads=[2, 2], window_size=4
         )
         config.num_labels = 5
         model = T.SwinForImageClassification(config)
@@ -198,7 +198,7 @@ def qwen2_vl(tmp_path) -> Tiny:
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in SPECIALS[4:]}
     config = T.Qwen2VLConfig(
         vision_config=dict(
-            depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=4, spatial_merge_size=2
+            depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=4, spatial_merge_size=2
         ),
         text_config=dict(
             **_TEXT,
@@ -217,7 +217,9 @@ def qwen2_vl(tmp_path) -> Tiny:
     image_processor = T.Qwen2VLImageProcessorPil(
         patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=pixels, max_pixels=pixels
     )
-    processor = _images_only(T.Qwen2VLProcessor)(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)
+    processor = _images_only(T.Qwen2VLProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE
+    )
     model = T.Qwen2VLForConditionalGeneration(config)
     return _vlm("qwen2_vl", model, processor, tmp_path, T.AutoModelForImageTextToText, batch_size=1)
 

@@ -110,6 +110,14 @@ class MBCLoRAModel(BaseTuner):
         self.active_adapter = adapter_name
 
     @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """PEFT's loader only warns about missing adapter tensors, and the bit-widths they serve would then run with
+        untrained (freshly initialised) slices: refuse such a checkpoint, naming the tensors and bit-widths."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_slices_loaded([key for key in model.state_dict() if key not in remapped], config, adapter_name)
+        return remapped
+
+    @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
         """``q_proj.mbclora_A.<adapter>.0`` <-> ``q_proj.mbclora_A.0`` (the slice index follows the name)."""
         return re.sub(rf"(\.{cls.prefix}[AB])\.{re.escape(adapter_name)}(\.\d+)$", r"\1\2", key)
@@ -128,3 +136,24 @@ class MBCLoRAModel(BaseTuner):
             quant.merge_weights = [1.0]
             quant.plans = {}  # one bit-width is left: no plan can switch any more
         return model
+
+
+def check_slices_loaded(missing_keys, config: MBCLoRAConfig, adapter_name: str) -> None:
+    """Raise a ValueError naming every MB-CLoRA slice of ``adapter_name`` among ``missing_keys`` (model naming) in
+    checkpoint naming, and the bit-widths that use them; other keys are ignored."""
+    pattern = re.compile(rf"^(?:base_model\.model\.)?(.+\.mbclora_[AB])\.{re.escape(adapter_name)}\.(\d+)$")
+    found = [match for key in missing_keys if (match := pattern.match(key))]
+    if not found:
+        return
+    groups_high_first = list(reversed(config.bit_groups or []))
+    bits = set()
+    for match in found:
+        k = int(match.group(2))
+        users = groups_high_first[k:] if config.cascade else groups_high_first[k : k + 1]
+        bits.update(b for group in users for b in group)
+    names = sorted(f"base_model.model.{m.group(1)}.{m.group(2)}" for m in found)
+    shown = ", ".join(names[:6]) + (f" ... ({len(names)} in all)" if len(names) > 6 else "")
+    raise ValueError(
+        f"The MB-CLoRA adapter checkpoint lacks tensors of bit-width(s) {sorted(bits)}: {shown}. Those bit-widths "
+        "would run with untrained adapters; re-save or re-push the complete model."
+    )
