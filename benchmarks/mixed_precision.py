@@ -26,7 +26,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import quept_hf
 from quept_hf.assets import smollm2_float_dir, wikipedia_split
 from quept_hf.evaluation import perplexity
-from quept_hf.mixed_precision import SensitivityTable, add_plan, allocate, attach_sensitivity, sensitivity
+from quept_hf.mixed_precision import (
+    SensitivityTable,
+    add_plan,
+    allocate,
+    attach_sensitivity,
+    load_sensitivity,
+    sensitivity,
+)
 from quept_hf.quantizer import quept_linears
 
 RESULTS = Path(__file__).parent / "results"
@@ -40,6 +47,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--calibrated", default=None, help="load this saved calibrated model instead of calibrating")
     parser.add_argument(
         "--save", default=None, help="save the calibrated model here (again at the end, with plans and table)"
+    )
+    parser.add_argument(
+        "--reuse-table", action="store_true", help="with --calibrated: use the sensitivity table saved with it"
     )
     parser.add_argument("--num-samples", type=int, default=64, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, help="calibration window length")
@@ -111,10 +121,15 @@ def main() -> None:
         return perplexity(model, eval_texts, tokenizer, seq_len=512, max_windows=args.eval_windows)
 
     start = time.perf_counter()
-    table = sensitivity(
-        model, calib_texts, tokenizer=tokenizer, num_samples=args.sens_samples, seq_len=args.sens_seq_len
-    )
-    sens_seconds = time.perf_counter() - start
+    if args.reuse_table:
+        table = load_sensitivity(model)
+        args.sens_samples, args.sens_seq_len = table.info["num_samples"], table.info["seq_len"]
+        sens_seconds = table.info["seconds"]
+    else:
+        table = sensitivity(
+            model, calib_texts, tokenizer=tokenizer, num_samples=args.sens_samples, seq_len=args.sens_seq_len
+        )
+        sens_seconds = time.perf_counter() - start
     attach_sensitivity(model, table)
 
     rows = []

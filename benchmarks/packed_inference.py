@@ -174,7 +174,8 @@ def row_for(target, model, reference, tokenizer, eval_texts, prompt, workdir: Pa
     linear_bytes, linear_weights = linear_stats(packed)
     float_prefill, float_decode = speeds(reference, prompt, args)
     prefill, decode = speeds(packed, prompt, args)
-    avg_bits = statistics.fmean(m.bits for m in packed.modules() if isinstance(m, PackedLinear))
+    layers = [m for m in packed.modules() if isinstance(m, PackedLinear)]
+    avg_bits = sum(m.bits * m.in_features * m.out_features for m in layers) / linear_weights  # per weight
     row = {
         "model": name,
         "avg_bits": round(avg_bits, 3),

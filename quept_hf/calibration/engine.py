@@ -272,7 +272,7 @@ def _prepare_block(
         for handle in handles:
             handle.remove()
     for i, layer in enumerate(layers):
-        layer.init_activation_scales(torch.cat([x.flatten() for x in inputs[i]]))
+        layer.init_activation_scales(torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs[i]]))
 
 
 def _smoothing_on(settings: QuEPTConfig, arch: Architecture) -> bool:
