@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-import quept_hf
+import quept_hf  # noqa: F401  (registers quantization method "quept")
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

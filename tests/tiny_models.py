@@ -228,13 +228,14 @@ def _vlm(name: str, model, processor, tmp_path, auto, batch_size: int = 2) -> Ti
     torch.manual_seed(0)
     model = type(model)(model.config).eval()  # re-initialise under the fixed seed
     pairs = list(zip(images(len(CAPTIONS), seed=1), CAPTIONS, strict=True))
-    from quept_hf.calibration.data import image_batches
+    from quept_hf.calibration.data import _prompt
 
-    settings = type("S", (), {"num_samples": 2, "batch_size": 2, "seed": 0})()
-    inputs = image_batches(list(zip(images(2, seed=2), CAPTIONS[:2], strict=True)), processor, settings, "image_text")
+    # Evaluation / generation inputs the usual way: left padding and an attention mask.
+    prompts = [_prompt(processor, text) for text in CAPTIONS[:2]]
+    inputs = processor(images=images(2, seed=2), text=prompts, padding=True, padding_side="left", return_tensors="pt")
     folder = _save(model, tmp_path, name)
     extra = {"processor": processor, "batch_size": batch_size}
-    return Tiny(name, folder, auto, pairs, inputs[0], processor, extra)
+    return Tiny(name, folder, auto, pairs, dict(inputs), processor, extra)
 
 
 BUILDERS = {

@@ -127,11 +127,9 @@ class QuEPTLinear(nn.Module):
 
     @torch.no_grad()
     def init_activation_scales(self, inputs: torch.Tensor) -> None:
-        """Set every bit-width's per-tensor step size from sample inputs ``(..., in_features)``: the clipping
-        ratio that minimises this layer's output error (see `search_activation_scale`)."""
+        """Set every bit-width's per-tensor step size from sample inputs (MSE-optimal clipping ratio)."""
         for key, param in self.clip_act.items():
-            scale = search_activation_scale(inputs, int(key), weight=self.weight)
-            param.copy_(scale.log().to(param.dtype))
+            param.copy_(search_activation_scale(inputs, int(key)).log().to(param.dtype))
 
     def set_bits(self, bits: int) -> None:
         if bits not in self.bits and bits < FLOAT_BITS:

@@ -10,11 +10,11 @@ Storage per layer (all of it loaded from the checkpoint, nothing float of the we
   overhead small (two floats per group);
 * ``bias`` (optional, float).
 
-The forward pass unpacks, dequantizes ``W = s * (q - z)`` with exactly the operations of
-`quept_hf.nn.functional.fake_quantize_weight`, and runs ``F.linear``: a packed model reproduces the fake-quant
-model's logits. Nothing large is cached by default, so the resident size stays the packed size; the
-transient float weight of ONE layer exists during its matmul. ``cache_dequantized = True`` keeps that float
-weight instead (float-model speed, float-model memory): see `set_weight_cache`.
+The forward pass unpacks, dequantizes ``W = s * (q - z)`` with the arithmetic of
+`quept_hf.nn.functional.fake_quantize_weight` (a bitwise-identical weight) and runs ``F.linear``, so a packed
+model reproduces the fake-quant model's logits. Nothing large is cached by default, so the resident size stays
+the packed size; the transient float weight of ONE layer exists during its matmul. ``cache_dequantized = True``
+keeps that float weight instead (float-model speed, float-model memory): see `set_weight_cache`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ __all__ = ["PackedLinear", "dequantize_codes", "set_weight_cache"]
 
 
 def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``s * (q - z)`` per (row, group): the same ops, in the same order, as the fake quantizer.
+    """``s * (q - z)`` per (row, group): the fake quantizer's arithmetic, so the result is bitwise identical.
 
     The last group may be shorter than ``group_size`` (``in_features`` not a multiple of it): the fake
     quantizer pads it to a whole group before dequantizing and slices afterwards, so this does too, which
