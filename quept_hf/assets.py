@@ -84,9 +84,7 @@ def smollm2_gguf() -> tuple[str, str]:
     """
     directory = _package_dir(SMOLLM2_PACKAGE, SMOLLM2_PIP)
     if not (directory / SMOLLM2_GGUF_NAME).is_file():
-        raise FileNotFoundError(
-            f"{SMOLLM2_GGUF_NAME} not found in {directory}; reinstall with: {SMOLLM2_PIP}"
-        )
+        raise FileNotFoundError(f"{SMOLLM2_GGUF_NAME} not found in {directory}; reinstall with: {SMOLLM2_PIP}")
     return str(directory), SMOLLM2_GGUF_NAME
 
 
@@ -208,12 +206,18 @@ def wikipedia_articles(cache_dir: str | None = None) -> list[tuple[str, str]]:
     if cached is not None:
         return cached
     start = time.perf_counter()
-    articles = [(title, text) for title, raw in _iter_wiki_pages(wikipedia_dump_path())
-                if (text := clean_wikitext(raw))]
+    articles = [
+        (title, text) for title, raw in _iter_wiki_pages(wikipedia_dump_path()) if (text := clean_wikitext(raw))
+    ]
     payload = {"version": WIKI_CACHE_VERSION, "articles": [list(a) for a in articles]}
     _atomic_write_text(cache, json.dumps(payload, ensure_ascii=False))
-    logger.info("Cleaned %d Wikipedia articles (%d chars) in %.1fs -> %s", len(articles),
-                sum(len(t) for _, t in articles), time.perf_counter() - start, cache)
+    logger.info(
+        "Cleaned %d Wikipedia articles (%d chars) in %.1fs -> %s",
+        len(articles),
+        sum(len(t) for _, t in articles),
+        time.perf_counter() - start,
+        cache,
+    )
     return articles
 
 
@@ -326,7 +330,7 @@ def _strip_balanced(text: str, open_tok: str, close_tok: str) -> str:
     for match in re.finditer(f"{re.escape(open_tok)}|{re.escape(close_tok)}", text):
         if match.group() == open_tok:
             if depth == 0:
-                pieces.append(text[pos:match.start()])
+                pieces.append(text[pos : match.start()])
             depth += 1
         elif depth > 0:
             depth -= 1
@@ -354,7 +358,7 @@ def _drop_media_links(text: str) -> str:
         if match.start() < pos:
             continue  # nested inside a link already removed
         end = _balanced_end(text, match.start())
-        pieces.append(text[pos:match.start()])
+        pieces.append(text[pos : match.start()])
         pos = end
     pieces.append(text[pos:])
     return "".join(pieces)

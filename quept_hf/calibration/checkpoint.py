@@ -38,9 +38,7 @@ class BlockCheckpoints:
             return 0
         progress = json.loads(self.progress_path.read_text())
         if progress["fingerprint"] != self.fingerprint:
-            changed = sorted(
-                k for k in self.fingerprint if progress["fingerprint"].get(k) != self.fingerprint.get(k)
-            )
+            changed = sorted(k for k in self.fingerprint if progress["fingerprint"].get(k) != self.fingerprint.get(k))
             raise ValueError(
                 f"checkpoint_dir {str(self.directory)!r} holds a calibration with other settings (differs in "
                 f"{changed}); use a new checkpoint_dir or the same settings"

@@ -370,9 +370,7 @@ def _use_kernel(x: torch.Tensor, p: int) -> bool:
     return x.is_cuda and supported and 1 < p <= _KERNEL_MAX_DIM and _kernel() is not None
 
 
-def hadamard_transform(
-    x: torch.Tensor, scale: float | None = None, *, transpose: bool = False
-) -> torch.Tensor:
+def hadamard_transform(x: torch.Tensor, scale: float | None = None, *, transpose: bool = False) -> torch.Tensor:
     """``x @ H.T * scale`` along the last axis, ``H = hadamard_matrix(x.shape[-1])``, in O(n log n + n m).
 
     ``scale`` defaults to ``1 / sqrt(n)`` (orthogonal). ``transpose=True`` applies ``x @ H * scale`` instead,
