@@ -43,7 +43,7 @@ TARGETS = (2.25, 2.5, 3.25)
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small setting (about an hour on 2 busy CPU cores)")
+    parser.add_argument("--quick", action="store_true", help="small setting (about 2 h on 2 busy shared CPU cores)")
     parser.add_argument("--calibrated", default=None, help="load this saved calibrated model instead of calibrating")
     parser.add_argument(
         "--save", default=None, help="save the calibrated model here (again at the end, with plans and table)"
