@@ -29,10 +29,6 @@ from quept_hf.assets import wikipedia_split
 
 RESULTS = Path(__file__).parent / "results"
 MODES = {"weight_only": [2, 3, 4, 5, 6, 7, 8], "weight_activation": [4, 5, 6, 7, 8]}
-# MB-CLoRA learning rates for hidden 384: the spec's LLaMA-7B values (7e-4 / 7e-5) overshoot here. A first quick run
-# with them left 5..8-bit weight-only embeddings BELOW round-to-nearest (8 bits: cosine 0.9982 vs 0.9997): the
-# 2-bit loss dominates the cascade slices that every bit-width shares. The clipping rates stay the spec's.
-LR_LORA = {"weight_only": 2e-5, "weight_activation": 1e-5}
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,6 +40,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--rank", type=int, default=16, help="rank each bit group adds to the cascade")
+    parser.add_argument("--lr-lora", type=float, default=None, help="default: the spec's LLaMA value per mode")
     parser.add_argument("--threads", type=int, default=1)
     return parser.parse_args()
 
@@ -97,7 +94,7 @@ def compare(embeddings: torch.Tensor, reference: torch.Tensor) -> dict[str, floa
 def run_mode(mode: str, args, tokenizer, calib_texts, eval_sentences, reference, start) -> list[list]:
     config = quept_hf.QuEPTConfig(
         mode=mode, ranks=[args.rank] * (4 if mode == "weight_only" else 3), dataset=calib_texts, tokenizer=tokenizer,
-        num_samples=args.num_samples, seq_len=args.seq_len, batch_size=4, epochs=0, lr_lora=LR_LORA[mode],
+        num_samples=args.num_samples, seq_len=args.seq_len, batch_size=4, epochs=0, lr_lora=args.lr_lora,
     )  # fmt: skip
     model = AutoModel.from_pretrained(model_path(), quantization_config=config).eval()  # epochs=0: RTN
     rtn = {}

@@ -13,6 +13,7 @@ with ``epochs=0`` (same folding and activation-scale initialisation, adapters at
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import pytest
@@ -35,8 +36,9 @@ except ModuleNotFoundError:  # `tests/` itself on sys.path
 VIT_FAMILY = ("vit", "deit", "dinov2", "swin")
 # Spec ViT setting (W+A, per-tensor activations) with lr_lora 1e-3; lr_clip 0.1 so 8 steps can move clipping.
 _VIT = dict(mode="weight_activation", ranks=[4] * 3, lr_lora=1e-3, lr_clip=0.1, num_samples=8, batch_size=4, epochs=4)
-# Weight-only, 2..8 bits: on hidden-32 models the 2-bit loss dominates the shared cascade slices, so lr_lora is
-# scaled down (1e-4 and up made 5/6-bit blocks worse than round-to-nearest when measured); groups of 16 columns.
+# Weight-only, 2..8 bits, groups of 16 columns. lr_lora is small for these hidden-32 models: measured with the joint
+# cascade gradient, 1e-4 and up let the 2-bit loss pull the shared slices and made 5/6-bit blocks worse than
+# round-to-nearest; 1e-5 passes with either cascade_training, so the test does not depend on that choice.
 _WEIGHT_ONLY = dict(mode="weight_only", ranks=[4] * 4, group_size=16, lr_lora=1e-5, lr_clip=0.1, epochs=4)
 SETTINGS = {
     **{name: _VIT for name in VIT_FAMILY},
@@ -142,7 +144,7 @@ def test_switch_then_save_and_reload_bit_identically(calibrated, tmp_path):
         assert get_bits(model) == b
         expected[b] = output(model, tiny.inputs)
     torch.testing.assert_close(expected[16], output(calibrated.float_model, tiny.inputs), rtol=0, atol=2e-5)
-    assert len({tuple(expected[b].flatten()[:64].tolist()) for b in bits}) == len(bits)  # every bit differs
+    assert all(not torch.equal(expected[a], expected[b]) for a, b in itertools.pairwise(bits))  # every switch acts
     set_bits(model, max(bits))
     model.save_pretrained(tmp_path)
     restored = tiny.auto_class.from_pretrained(tmp_path).eval()
