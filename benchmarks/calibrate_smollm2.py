@@ -36,6 +36,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-windows", type=int, default=40, help="512-token held-out windows")
     parser.add_argument("--token-merge", default="mbtome", choices=["mbtome", "uniform", "none"])
     parser.add_argument("--cascade-training", default="owned", choices=["owned", "joint"])
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--lr-lora", type=float, default=None, help="default: the spec's (QuEPTConfig)")
+    parser.add_argument("--lr-clip", type=float, default=None, help="default: the spec's (QuEPTConfig)")
+    parser.add_argument("--tag", default="", help="suffix of the CSV name (keeps ablation runs apart)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="save the calibrated model to this folder")
     return parser.parse_args()
@@ -73,6 +77,8 @@ def main() -> None:
         epochs=args.epochs,
         token_merge=args.token_merge,
         cascade_training=args.cascade_training,
+        batch_size=args.batch_size,
+        **{k: v for k, v in (("lr_lora", args.lr_lora), ("lr_clip", args.lr_clip)) if v is not None},
     )
     seconds = time.perf_counter() - start
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -87,7 +93,7 @@ def main() -> None:
     for row in rows.values():
         print(f"{row['bits']!s:>6} | {row['rtn']:>10.2f} | {row['quept']:>10.2f}")
     RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / f"calibrate_smollm2_{args.mode}.csv", "w", newline="") as handle:
+    with open(RESULTS / f"calibrate_smollm2_{args.mode}{args.tag}.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["bits", "rtn", "quept"])
         writer.writeheader()
         writer.writerows(rows.values())

@@ -22,10 +22,11 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+from .atomic import atomic_write_text, staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -62,17 +63,6 @@ def _package_dir(package: str, pip_hint: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # --------------------------------------------------------------------------- SmolLM2
 
 
@@ -102,16 +92,11 @@ def smollm2_float_dir(cache_dir: str | None = None) -> str:
     if target.exists():
         logger.warning("Removing incomplete or stale SmolLM2 folder %s", target)
         shutil.rmtree(target)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the published folder should be readable like any other
-    try:
-        start = time.perf_counter()
-        _convert_smollm2(tmp)
-        _verify_float_checkpoint(tmp)
-        _publish_dir(tmp, target)
-        logger.info("SmolLM2 float checkpoint ready at %s (%.1fs)", target, time.perf_counter() - start)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    start = time.perf_counter()
+    with staged_folder(target) as staging:
+        _convert_smollm2(Path(staging))
+        _verify_float_checkpoint(Path(staging))
+    logger.info("SmolLM2 float checkpoint ready at %s (%.1fs)", target, time.perf_counter() - start)
     return str(target)
 
 
@@ -175,15 +160,6 @@ def _verify_float_checkpoint(folder: Path) -> None:
         raise RuntimeError(f"Converted SmolLM2 checkpoint in {folder} is wrong: {', '.join(problems)}")
 
 
-def _publish_dir(tmp: Path, target: Path) -> None:
-    """Rename the finished folder into place; keep a concurrent writer's result if it won."""
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        if not _is_float_checkpoint(target):
-            raise
-
-
 # --------------------------------------------------------------------------- Wikipedia
 
 
@@ -210,7 +186,7 @@ def wikipedia_articles(cache_dir: str | None = None) -> list[tuple[str, str]]:
         (title, text) for title, raw in _iter_wiki_pages(wikipedia_dump_path()) if (text := clean_wikitext(raw))
     ]
     payload = {"version": WIKI_CACHE_VERSION, "articles": [list(a) for a in articles]}
-    _atomic_write_text(cache, json.dumps(payload, ensure_ascii=False))
+    atomic_write_text(cache, json.dumps(payload, ensure_ascii=False))
     logger.info(
         "Cleaned %d Wikipedia articles (%d chars) in %.1fs -> %s",
         len(articles),

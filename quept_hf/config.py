@@ -27,7 +27,7 @@ DEFAULT_BIT_GROUPS = {
 # Spec section 2: learning rates per mode (LLaMA rows of the hyperparameter table).
 DEFAULT_LR = {"weight_only": (7e-4, 2e-2), "weight_activation": (7e-5, 1e-1)}
 DEFAULT_MERGE_WEIGHTS = {"weight_only": [0.25, 0.25, 0.25, 0.25], "weight_activation": [0.4, 0.3, 0.3]}
-TOKEN_MERGE_MODES = ("mbtome", "none", "uniform")
+TOKEN_MERGE_MODES = ("mbtome", "none", "uniform", "separate")
 LOSSES = ("l1", "mse")
 CASCADE_TRAINING = ("joint", "owned")
 
@@ -76,7 +76,10 @@ class QuEPTConfig(QuantizationConfigMixin):
             range [0, 1], at the active bit-width; runs attention eagerly). Default ``False``: the spec quantizes
             the inputs of every linear layer and leaves the attention matmuls in float.
         num_samples, seq_len, epochs, batch_size, lr_lora, lr_clip, loss, top_p, merge_weights,
-        token_merge, cascade, checkpoint_dir: calibration settings (spec sections 2-4).
+        token_merge, cascade, checkpoint_dir: calibration settings (spec sections 2-4). ``token_merge`` builds the
+            next block's quantized inputs: ``"mbtome"`` (spec section 4), ``"uniform"`` (weighted mix), ``"none"``
+            (the highest group's output) or ``"separate"`` (each bit group keeps its own input stream, i.e. trains
+            on the inputs it meets at inference; same cost, one activation cache per group).
         cascade_training: ``"owned"`` (default: each slice learns from its own group's loss only; the higher
             groups' slices are used but not pulled towards low-bit errors, which keeps high bit-widths at least as
             good as round-to-nearest) or ``"joint"`` (every group's loss trains every slice its delta uses).

@@ -132,8 +132,9 @@ class Trained:
     """What the engine trained one block on, and the block's trainable tensors just before training."""
 
     index: int
-    x_q: torch.Tensor
+    x_q: torch.Tensor  # the input every group shares (MB-ToMe); `streams` holds one per group
     target: torch.Tensor
+    streams: list[torch.Tensor]
     initial: dict[str, torch.Tensor]
     params: dict[str, torch.nn.Parameter]
 
@@ -146,7 +147,8 @@ def record_training(monkeypatch) -> list[Trained]:
     def spy(block, x_q, y_fp, *args, **kwargs):
         params = block.state()
         initial = {n: p.detach().clone() for n, p in params.items()}
-        seen.append(Trained(block.index, x_q.clone(), y_fp.clone(), initial, params))
+        streams = [x.clone() for x in x_q]
+        seen.append(Trained(block.index, streams[-1], y_fp.clone(), streams, initial, params))
         return original(block, x_q, y_fp, *args, **kwargs)
 
     monkeypatch.setattr(engine, "_train_block", spy)
@@ -264,6 +266,21 @@ def test_engine_merges_with_the_configured_settings(tiny_llama_dir, monkeypatch)
     model = load(tiny_llama_dir, top_p=0.25, merge_weights=[0.1, 0.2, 0.3, 0.4])
     calibrate(model, calibration_ids(), epochs=0)
     assert calls == [(4, 0.25, [0.1, 0.2, 0.3, 0.4], "mbtome")] * 2  # once per block, one output per group
+
+
+def test_separate_streams_are_the_inputs_each_bit_width_meets_at_inference(tiny_llama_dir, monkeypatch):
+    """token_merge="separate": group g trains every block on exactly what the calibrated model at g's bits feeds it."""
+    groups = [[2], [4], [8]]
+    windows = text_windows(calibration_ids(), None, SMALL["num_samples"], SMALL["seq_len"], seed=0)
+    seen = record_training(monkeypatch)
+    model = load(tiny_llama_dir, bit_groups=groups, ranks=[4] * 3, merge_weights=[1, 1, 1], token_merge="separate")
+    calibrate(model, calibration_ids())
+    assert len(seen) == 2
+    for g, (bits,) in enumerate(groups):
+        inputs, _ = block_io(model, windows, bits)
+        for trained in seen:
+            torch.testing.assert_close(trained.streams[g], inputs[trained.index], msg=f"w{bits} block {trained.index}")
+    assert not torch.equal(seen[1].streams[0], seen[1].streams[-1])  # 2-bit and 8-bit inputs differ after block 0
 
 
 # ---------------------------------------------------------------------------- 3./4. resume, determinism
@@ -521,8 +538,9 @@ def test_unsupported_architecture_is_refused(tmp_path):
         {"cascade": False},
         {"token_merge": "uniform", "loss": "mse"},
         {"token_merge": "none"},
+        {"token_merge": "separate"},
     ],
-    ids=["single-bit", "independent", "uniform-merge-mse", "no-merge"],
+    ids=["single-bit", "independent", "uniform-merge-mse", "no-merge", "separate-streams"],
 )
 def test_ablation_switches_run(tiny_llama_dir, setting, monkeypatch):
     modes, losses = [], set()
@@ -535,7 +553,7 @@ def test_ablation_switches_run(tiny_llama_dir, setting, monkeypatch):
     quant = model.config.quantization_config
     assert quant.calibrated
     assert all(getattr(quant, name) == value for name, value in setting.items())
-    assert modes == [quant.token_merge] * 2 and losses == {quant.loss}
+    assert modes == ([] if quant.token_merge == "separate" else [quant.token_merge] * 2) and losses == {quant.loss}
     bits = quant.bits
     state = adapter_state(model)
     assert all(p.abs().sum() > 0 for n, p in state.items() if "mbclora_B" in n)  # every slice trained

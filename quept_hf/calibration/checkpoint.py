@@ -4,24 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+from ..atomic import atomic_write, atomic_write_text
 
 
 class BlockCheckpoints:
@@ -49,7 +37,7 @@ class BlockCheckpoints:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         atomic_write(self._block_path(index), lambda tmp: save_file(tensors, tmp))
         progress = {"fingerprint": self.fingerprint, "completed_blocks": index + 1}
-        atomic_write(self.progress_path, lambda tmp: Path(tmp).write_text(json.dumps(progress, indent=2)))
+        atomic_write_text(self.progress_path, json.dumps(progress, indent=2))
 
     def load(self, index: int) -> dict[str, torch.Tensor]:
         return load_file(self._block_path(index))

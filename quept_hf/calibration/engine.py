@@ -2,19 +2,18 @@
 
 Peak memory: the model's weights, plus the calibration activations — three float tensors of
 ``num_samples x seq_len x hidden`` (the float inputs X_fp, the quantized inputs X_q and the float targets)
-and one more while MB-ToMe builds the next X_q — all on the CPU; plus ONE block (its weights, MB-CLoRA
-slices, clipping logits, AdamW state and the autograd graph of ``batch_size`` samples per bit group) on the
-compute device (CUDA when available, else the CPU).
+and one more while MB-ToMe builds the next X_q (with ``token_merge="separate"``, one X_q per bit group) —
+all on the CPU; plus ONE block (its weights, MB-CLoRA slices, clipping logits, AdamW state and the autograd
+graph of ``batch_size`` samples per bit group) on the compute device (CUDA when available, else the CPU).
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import hashlib
 import inspect
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 from ..config import QuEPTConfig
 from ..mbclora import MBCLoRAConfig, MBCLoRALayer, adapter_name_for_bits
 from ..models import Architecture, Chain, architecture_for, fold_block_norms
-from ..nn import FLOAT_BITS, QuEPTLinear
+from ..nn import FLOAT_BITS, QuEPTLinear, float_reference
 from .capture import capture_block_kwargs, capture_first_block_inputs, to_device
 from .checkpoint import BlockCheckpoints
 from .data import describe, text_windows
@@ -194,7 +193,9 @@ def _run_chain(
     all_kwargs = capture_block_kwargs(base, blocks, batches[0], forward_kwargs, arch.first_sample)
     with float_reference(base):
         x_fp = capture_first_block_inputs(base, blocks, batches, forward_kwargs, chain.unbatched)
+    # One quantized input stream per bit group; they are the same tensor unless token_merge="separate".
     x_q = capture_first_block_inputs(base, blocks, batches, forward_kwargs, chain.unbatched)
+    x_q = [x_q] * len(settings.bit_groups)
     for position in tqdm(range(len(blocks)), desc=f"QuEPT calibration ({chain.name})", unit="block"):
         index = offset + position
         kwargs = to_device(all_kwargs[position], device)
@@ -216,29 +217,16 @@ def _run_chain(
                 transition = chain.transitions[position].to(device)
                 with float_reference(base):
                     x_fp = _transition(transition, block, x_fp, settings.batch_size, device)
-                x_q = _transition(transition, block, x_q, settings.batch_size, device)
+                move = functools.partial(_transition, transition, block, batch_size=settings.batch_size, device=device)
+                x_q = _per_stream(x_q, move)
                 transition.to(model_device)
         finally:
             block.module.to(model_device)
             block.set_bits(config.default_bits)
 
 
-@contextlib.contextmanager
-def float_reference(model: nn.Module) -> Iterator[None]:
-    """Run every elastic layer (and, following them, every pinned one) in float; restore the bit-widths after."""
-    layers = [m for m in model.modules() if isinstance(m, QuEPTLinear)]
-    saved = [layer.active_bits for layer in layers]
-    for layer in layers:
-        layer.set_bits(FLOAT_BITS)
-    try:
-        yield
-    finally:
-        for layer, bits in zip(layers, saved, strict=True):
-            layer.active_bits = bits
-
-
 def _prepare_block(
-    block: _Block, arch: Architecture, x_fp: torch.Tensor, x_q: torch.Tensor, settings: QuEPTConfig, device
+    block: _Block, arch: Architecture, x_fp: torch.Tensor, x_q: list[torch.Tensor], settings: QuEPTConfig, device
 ) -> None:
     """Data-dependent set-up before training: AWQ-style smoothing (decoder LLMs, `smoothing.smooth_block`), fold
     LayerNorm scales, then initialise per-tensor activation scales.
@@ -267,7 +255,7 @@ def _prepare_block(
 
     handles = [layer.register_forward_pre_hook(record(i)) for i, layer in enumerate(layers)]
     try:
-        _forward_all(block, x_q[:n], FLOAT_BITS, settings.batch_size, device)
+        _forward_all(block, x_q[-1][:n], FLOAT_BITS, settings.batch_size, device)
     finally:
         for handle in handles:
             handle.remove()
@@ -309,7 +297,7 @@ def _forward_all(block: _Block, x: torch.Tensor, bits: int, batch_size: int, dev
 
 def _train_block(
     block: _Block,
-    x_q: torch.Tensor,
+    x_q: list[torch.Tensor],
     y_fp: torch.Tensor,
     settings: QuEPTConfig,
     generator: torch.Generator,
@@ -317,7 +305,7 @@ def _train_block(
 ) -> None:
     """AdamW over (MB-CLoRA slices, clipping logits); each step samples one bit-width per group."""
     lora, clips = block.trainable()
-    steps_per_epoch = math.ceil(len(x_q) / settings.batch_size)
+    steps_per_epoch = math.ceil(len(y_fp) / settings.batch_size)
     total = settings.epochs * steps_per_epoch
     if total == 0:
         return
@@ -333,10 +321,11 @@ def _train_block(
     step = 0
     try:
         for _ in range(settings.epochs):
-            order = torch.randperm(len(x_q), generator=generator)
-            for start in range(0, len(x_q), settings.batch_size):
+            order = torch.randperm(len(y_fp), generator=generator)
+            for start in range(0, len(y_fp), settings.batch_size):
                 rows = order[start : start + settings.batch_size]
-                losses = _step(block, x_q[rows].to(device), y_fp[rows].to(device), settings, generator, step)
+                inputs = [x[rows].to(device) for x in x_q] if _separate(settings) else [x_q[-1][rows].to(device)]
+                losses = _step(block, inputs, y_fp[rows].to(device), settings, generator, step)
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -353,14 +342,22 @@ def _train_block(
 
 
 def _step(
-    block: _Block, x: torch.Tensor, target: torch.Tensor, settings: QuEPTConfig, generator: torch.Generator, step: int
+    block: _Block,
+    inputs: list[torch.Tensor],
+    target: torch.Tensor,
+    settings: QuEPTConfig,
+    generator: torch.Generator,
+    step: int,
 ) -> dict[int, float]:
-    """One forward per bit group at a bit-width drawn uniformly from it; the summed loss is backpropagated."""
+    """One forward per bit group at a bit-width drawn uniformly from it; the summed loss is backpropagated.
+
+    ``inputs`` holds one batch per group (``token_merge="separate"``) or one batch shared by every group.
+    """
     losses = {}
-    for group in settings.bit_groups:
+    for g, group in enumerate(settings.bit_groups):
         bits = group[int(torch.randint(len(group), (1,), generator=generator))]
         block.set_bits(bits)
-        loss = _loss(block(x), target, settings.loss)
+        loss = _loss(block(inputs[g % len(inputs)]), target, settings.loss)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"QuEPT calibration diverged: non-finite loss in block {block.index} at {bits} bits, step {step} "
@@ -384,12 +381,28 @@ def _cosine(step: int, total: int) -> float:
 
 @torch.no_grad()
 def _next_inputs(
-    block: _Block, x_q: torch.Tensor, settings: QuEPTConfig, generator: torch.Generator, device: torch.device
-) -> torch.Tensor:
-    """MB-ToMe: run the calibrated block once per group (a random bit each) and merge per token."""
+    block: _Block, x_q: list[torch.Tensor], settings: QuEPTConfig, generator: torch.Generator, device: torch.device
+) -> list[torch.Tensor]:
+    """Run the calibrated block once per group (a random bit each); then MB-ToMe merges the outputs per token
+    into the one input every group shares, or (``token_merge="separate"``) each group keeps its own output."""
     chosen = [g[int(torch.randint(len(g), (1,), generator=generator))] for g in settings.bit_groups]
-    outputs = [_forward_all(block, x_q, bits, settings.batch_size, device) for bits in chosen]
-    return merge_tokens(outputs, settings.top_p, settings.merge_weights, settings.token_merge)
+    outputs = [_forward_all(block, x, bits, settings.batch_size, device) for x, bits in zip(x_q, chosen, strict=True)]
+    if _separate(settings):
+        return outputs
+    return [merge_tokens(outputs, settings.top_p, settings.merge_weights, settings.token_merge)] * len(outputs)
+
+
+def _separate(settings: QuEPTConfig) -> bool:
+    return settings.token_merge == "separate"
+
+
+def _per_stream(x_q: list[torch.Tensor], fn) -> list[torch.Tensor]:
+    """Apply ``fn`` once per distinct input stream (shared streams stay shared)."""
+    done: dict[int, torch.Tensor] = {}
+    for x in x_q:
+        if id(x) not in done:
+            done[id(x)] = fn(x)
+    return [done[id(x)] for x in x_q]
 
 
 def _generator(seed: int, index: int, stream: str) -> torch.Generator:

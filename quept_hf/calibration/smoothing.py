@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..models import DecoderLayout
-from ..nn import FLOAT_BITS, QuEPTLinear, fake_quantize_weight
+from ..nn import QuEPTLinear, fake_quantize_weight, float_reference
 from .reparam import scale_inputs, scale_norm, scale_outputs
 
 logger = logging.getLogger(__name__)
@@ -135,20 +135,6 @@ def _scale(stats: torch.Tensor, alpha: float) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ the search
 @contextmanager
-def _float_block(block: nn.Module) -> Iterator[None]:
-    """Run every quantized linear of the block in float (the search quantizes only the pair it scores)."""
-    layers = [m for m in block.modules() if isinstance(m, QuEPTLinear)]
-    saved = [layer.active_bits for layer in layers]
-    for layer in layers:
-        layer.set_bits(FLOAT_BITS)
-    try:
-        yield
-    finally:
-        for layer, bits in zip(layers, saved, strict=True):
-            layer.set_bits(bits)
-
-
-@contextmanager
 def _weights(layers: list[QuEPTLinear], weights: list[torch.Tensor]) -> Iterator[None]:
     saved = [layer.weight.data for layer in layers]
     for layer, weight in zip(layers, weights, strict=True):
@@ -225,7 +211,7 @@ def smooth_block(
         return {}
     x = inputs[: max(1, search_tokens // max(1, inputs.shape[1]))]
     chosen = {}
-    with _float_block(block):
+    with float_reference(block):
         y = torch.cat([run(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
         all_stats = _input_absmean(pairs, run, inputs, batch_size, device)
         for pair, stats in zip(pairs, all_stats, strict=True):

@@ -7,7 +7,7 @@ from .functional import (
     quantize_weight_codes,
     round_ste,
 )
-from .linear import FLOAT_BITS, QuEPTLinear, WeightDelta
+from .linear import FLOAT_BITS, QuEPTLinear, WeightDelta, float_reference
 from .pinned import PINNED_BITS, PinnedConv2d, PinnedLinear, pin_module, pin_modules
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "WeightDelta",
     "fake_quantize_activation",
     "fake_quantize_weight",
+    "float_reference",
     "pin_module",
     "pin_modules",
     "quantize_weight_codes",

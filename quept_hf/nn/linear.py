@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import torch
@@ -204,3 +205,17 @@ class QuEPTLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"bits={self.bits}, active_bits={self.active_bits}, mode={mode}"
         )
+
+
+@contextlib.contextmanager
+def float_reference(model: nn.Module) -> Iterator[None]:
+    """Run every elastic layer (and, following them, every pinned one) in float; restore the bit-widths after."""
+    layers = [m for m in model.modules() if isinstance(m, QuEPTLinear)]
+    saved = [layer.active_bits for layer in layers]
+    for layer in layers:
+        layer.set_bits(FLOAT_BITS)
+    try:
+        yield
+    finally:
+        for layer, bits in zip(layers, saved, strict=True):
+            layer.active_bits = bits

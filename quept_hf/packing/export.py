@@ -25,14 +25,13 @@ import copy
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..atomic import staged_folder
 from ..config import MAX_BITS, MIN_BITS, PACKED_FORMAT, PACKED_VERSION, QuEPTConfig
 from ..mbclora.layer import MBCLoRALayer
 from ..nn import FLOAT_BITS, QuEPTLinear, quantize_weight_codes
@@ -291,16 +290,10 @@ def export(
             f"{len(transformed)} layers (e.g. {transformed[0]}) apply an online input transform, which the packed "
             "format cannot store yet; use pack_model() for an in-memory packed model instead"
         )
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
-    try:
+    with staged_folder(out_dir) as staging:
         packed.save_pretrained(staging, **save_kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        _publish(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     logger.info("QuEPT: exported %s to %s", packed.config.quantization_config.packed["source"], out_dir)
     return out_dir
 
@@ -310,16 +303,3 @@ def _check_target(out_dir: str, overwrite: bool) -> None:
         raise ValueError(f"export target {out_dir} is a file, not a folder")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty: pass overwrite=True to replace it")
-
-
-def _publish(staging: str, out_dir: str) -> None:
-    """Swap the finished folder into place (the old one, if any, is removed only after the swap)."""
-    os.chmod(staging, 0o755)  # mkdtemp makes it private; an export should be readable like any folder
-    old = None
-    if os.path.exists(out_dir):
-        parent = os.path.dirname(os.path.abspath(out_dir))
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old.", dir=parent)
-        os.replace(out_dir, os.path.join(old, "previous"))
-    os.replace(staging, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -31,14 +31,13 @@ from __future__ import annotations
 import copy
 import math
 import os
-import shutil
-import tempfile
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .export import BitsOrPlan, QuantizedLinear, _check_target, _publish, _unwrap, quantize_layers, resolve_plan
+from ..atomic import staged_folder
+from .export import BitsOrPlan, QuantizedLinear, _check_target, _unwrap, quantize_layers, resolve_plan
 
 __all__ = ["compressed_tensors_available", "export_compressed_tensors"]
 
@@ -192,10 +191,7 @@ def _check_supported(layers: dict[str, QuantizedLinear]) -> None:
 
 def _write_folder(base: nn.Module, state: dict, quant_config: dict, out_dir: str, tokenizer) -> None:
     """config.json (with the compressed-tensors block), generation config, model.safetensors: staged, then moved."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
-    try:
+    with staged_folder(out_dir) as staging:
         config = type(base.config).from_dict(copy.deepcopy(base.config.to_dict()))
         config.quantization_config = quant_config
         config.save_pretrained(staging)
@@ -204,6 +200,3 @@ def _write_folder(base: nn.Module, state: dict, quant_config: dict, out_dir: str
         save_file(state, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        _publish(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
