@@ -405,5 +405,14 @@ class QuEPTConfig(QuantizationConfigMixin):
                 unused[key] = value
         return (config, unused) if return_unused_kwargs else config
 
+    def clone(self) -> QuEPTConfig:
+        """An independent config with the same settings and run-time inputs: each model loaded with one config
+        gets its own clone, so what loading and calibration record (``calibrated``, resolved ``rotation``) never
+        leaks into the user's object or into the next model loaded with it."""
+        clone = type(self).from_dict(self.to_dict())
+        for name in RUNTIME_FIELDS:
+            setattr(clone, name, getattr(self, name, None))
+        return clone
+
     def to_json_string(self, use_diff: bool = True) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"

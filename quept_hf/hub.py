@@ -631,7 +631,7 @@ def _base_model_text(base_model: str | None) -> str | None:
 
 
 def _files(base: nn.Module, by_adapter: bool) -> list[str]:
-    from .mixed_precision import _TABLE_ATTR, SENSITIVITY_NAME
+    from .mixed_precision import SENSITIVITY_NAME, attached_sensitivity
 
     files = [
         "`config.json`: the model config; its `quantization_config` holds the bit-switch metadata mirrored in this "
@@ -640,7 +640,7 @@ def _files(base: nn.Module, by_adapter: bool) -> list[str]:
     ]
     if by_adapter:
         files.append("`adapter_config.json`, `adapter_model.safetensors`: the MB-CLoRA adapter in PEFT format.")
-    if getattr(base, _TABLE_ATTR, None) is not None:
+    if attached_sensitivity(base) is not None:
         files.append(f"`{SENSITIVITY_NAME}`: the mixed-precision sensitivity table (new plans without re-measuring).")
     return files
 

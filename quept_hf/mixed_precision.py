@@ -562,9 +562,14 @@ def attach_sensitivity(model: nn.Module, table: SensitivityTable) -> None:
         install_elastic_save(base)
 
 
+def attached_sensitivity(model: nn.Module) -> SensitivityTable | None:
+    """The sensitivity table the model carries (measured or loaded), or None."""
+    return getattr(_base(model), _TABLE_ATTR, None)
+
+
 def save_sensitivity(model: nn.Module, save_directory: str | os.PathLike) -> bool:
     """Write the model's table as ``quept_sensitivity.safetensors`` into ``save_directory`` (True if it had one)."""
-    table = getattr(_base(model), _TABLE_ATTR, None)
+    table = attached_sensitivity(model)
     if table is None:
         return False
     os.makedirs(save_directory, exist_ok=True)
@@ -576,7 +581,7 @@ def load_sensitivity(source: nn.Module | str | os.PathLike) -> SensitivityTable:
     """The sensitivity table of a folder (or Hub repo id), or of a model: the one it carries, else the one saved
     in the folder it was loaded from. A clear error says how to measure one when there is none."""
     if isinstance(source, nn.Module):
-        table = getattr(_base(source), _TABLE_ATTR, None)
+        table = attached_sensitivity(source)
         if table is not None:
             return table
         folder = getattr(getattr(_base(source), "config", None), "name_or_path", None)

@@ -109,6 +109,9 @@ class QuEPTHfQuantizer(HfQuantizer):
     requires_calibration = False
     quantization_config: QuEPTConfig
 
+    def __init__(self, quantization_config: QuEPTConfig, **kwargs):
+        super().__init__(quantization_config.clone(), **kwargs)
+
     def validate_environment(self, *args, **kwargs) -> None:
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict) and {"disk"} & set(device_map.values()):
@@ -116,6 +119,7 @@ class QuEPTHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs):
         config = self.quantization_config
+        model.config.quantization_config = config  # the model's own clone, not the object the user passed
         from .calibration.rotation import resolve_transforms
 
         resolve_transforms(model, config, fresh=not self.pre_quantized)  # rotation/smoothing: None -> bool

@@ -163,6 +163,21 @@ def test_set_bits_refuses_a_float_model(tiny_llama_dir):
 # ---------------------------------------------------------------------------------------- save and load
 
 
+def test_each_model_gets_its_own_config(tiny_llama_dir):
+    """Loading and calibration record state in the config: it must land in the model's clone, never in the user's
+    object, or a second model loaded with the same config would start out "calibrated"."""
+    user = QuEPTConfig(
+        mode="weight_only", ranks=[2] * 4, num_samples=2, seq_len=8, epochs=0, dataset=torch.ones(2, 8).long()
+    )
+    first = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=user)
+    second = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=user)
+    own = first.config.quantization_config
+    assert own is not user and own is not second.config.quantization_config
+    assert own.calibrated and own.smoothing is not None and torch.equal(own.dataset, user.dataset)
+    assert not user.calibrated and user.smoothing is None and user.rotation is None
+    assert user.to_dict() == QuEPTConfig.from_dict(user.to_dict()).to_dict()
+
+
 def test_save_and_reload_is_bit_identical(tiny_llama_dir, tmp_path):
     model = load(tiny_llama_dir, group_size=32)
     randomise_clipping(model)
