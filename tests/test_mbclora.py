@@ -353,6 +353,15 @@ def test_merge_and_unload_bakes_the_active_bits(tiny_llama_dir, tmp_path):
     torch.testing.assert_close(logits(reloaded, ids), expected, rtol=0, atol=1e-6)
 
 
+def test_merge_refuses_a_mixed_bit_model(tiny_llama_dir):
+    wrapped = peft_model(tiny_llama_dir)
+    layers = list(quept_linears(wrapped))
+    set_bits(wrapped, {layers[0]: 2, **{name: 8 for name in layers[1:]}})
+    with pytest.raises(ValueError, match=r"mixes \[2, 8\] bits.*quept_hf.export"):
+        wrapped.merge_and_unload()
+    assert any(isinstance(m, MBCLoRALayer) for m in wrapped.modules())  # nothing was merged
+
+
 # -------------------------------------------------------------------------------------------------- train
 
 

@@ -123,11 +123,17 @@ class MBCLoRAModel(BaseTuner):
         return re.sub(rf"(\.{cls.prefix}[AB])\.{re.escape(adapter_name)}(\.\d+)$", r"\1\2", key)
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        bits = {layer.active_bits for layer in self.model.modules() if isinstance(layer, QuEPTLinear)}
+        if merge and len(bits) > 1:
+            raise ValueError(
+                f"merge_and_unload keeps ONE bit-width, but the active plan mixes {sorted(bits)} bits across layers, "
+                "which a merged checkpoint cannot describe: set_adapter('w<bits>') first, or keep the plan "
+                "switchable and use quept_hf.export(model, '<plan name>', out_dir) for a packed mixed model"
+            )
         model = super()._unload_and_optionally_merge(merge, progressbar, safe_merge, adapter_names)
         if not merge:
             return model
         quant = getattr(getattr(model, "config", None), "quantization_config", None)
-        bits = {layer.active_bits for layer in model.modules() if isinstance(layer, QuEPTLinear)}
         if quant is not None and len(bits) == 1:
             (only,) = bits
             quant.bits, quant.bit_groups, quant.default_bits = [only], [[only]], only
