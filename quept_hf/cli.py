@@ -99,17 +99,18 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     import quept_hf
-    from quept_hf.evaluation import perplexity
+    from quept_hf.evaluation import per_bit, perplexity
 
     model, tokenizer = load_source(args.model)
     config = quept_hf.quept_config(model)
     bits = parse_bits(args.bits) or config.bits
     texts = read_texts(args.data)
+    score = lambda m: perplexity(m, texts, tokenizer, seq_len=args.seq_len, max_windows=args.windows)  # noqa: E731
+    scores = per_bit(model, score, bits)
     print(f"| bits | perplexity ({args.windows} x {args.seq_len} tokens) |")
     print("|---:|---:|")
-    for b in bits:
-        quept_hf.set_bits(model, b)
-        print(f"| {b} | {perplexity(model, texts, tokenizer, seq_len=args.seq_len, max_windows=args.windows):.2f} |")
+    for b, score in scores.items():
+        print(f"| {b} | {score:.2f} |")
 
 
 def cmd_plan(args: argparse.Namespace) -> None:

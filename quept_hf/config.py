@@ -30,6 +30,7 @@ DEFAULT_MERGE_WEIGHTS = {"weight_only": [0.25, 0.25, 0.25, 0.25], "weight_activa
 TOKEN_MERGE_MODES = ("mbtome", "none", "uniform", "separate")
 LOSSES = ("l1", "mse")
 CASCADE_TRAINING = ("joint", "owned")
+LR_SCALING = ("none", "step")
 
 # Run-time inputs: used by calibration, never serialised into config.json.
 RUNTIME_FIELDS = ("dataset", "tokenizer", "image_processor", "processor")
@@ -83,6 +84,11 @@ class QuEPTConfig(QuantizationConfigMixin):
         cascade_training: ``"owned"`` (default: each slice learns from its own group's loss only; the higher
             groups' slices are used but not pulled towards low-bit errors, which keeps high bit-widths at least as
             good as round-to-nearest) or ``"joint"`` (every group's loss trains every slice its delta uses).
+        lr_scaling: ``"none"`` (default: every group learns at ``lr_lora`` / ``lr_clip``) or ``"step"``: the slice
+            of a bit group and the clipping logits of a bit-width learn at the lr times ``step(b) / step(b_min)``,
+            ``step(b) = 1 / (2**b - 1)`` the quantization grid step relative to the range, so an Adam update moves
+            every bit-width by the same fraction of ITS grid step (one lr otherwise rewrites 8-bit weights by many
+            grid steps and overfits the calibration data).
         calibrated: set by quept_hf once calibration has run (``False`` for a fresh model).
         packed: set by `quept_hf.export` only: the checkpoint holds packed integer weights frozen at one
             bit-width or plan, ``{"format": "quept-packed", "version": 1, "source": "w3", "bits": {module: b},
@@ -134,6 +140,7 @@ class QuEPTConfig(QuantizationConfigMixin):
         token_merge: str = "mbtome",
         cascade: bool = True,
         cascade_training: str = "owned",
+        lr_scaling: str = "none",
         checkpoint_dir: str | None = None,
         dataset_description: str | None = None,
         calibrated: bool = False,
@@ -182,6 +189,7 @@ class QuEPTConfig(QuantizationConfigMixin):
         self.token_merge = token_merge
         self.cascade = bool(cascade)
         self.cascade_training = cascade_training
+        self.lr_scaling = lr_scaling
         self.checkpoint_dir = checkpoint_dir
         self.dataset_description = dataset_description
         self.calibrated = bool(calibrated)
@@ -264,6 +272,7 @@ class QuEPTConfig(QuantizationConfigMixin):
                 raise ValueError(f"QuEPTConfig.{name}={value!r}: allowed None (the mode's default), True or False")
         self._check_choice("loss", self.loss, LOSSES)
         self._check_choice("cascade_training", self.cascade_training, CASCADE_TRAINING)
+        self._check_choice("lr_scaling", self.lr_scaling, LR_SCALING)
         self._check_choice("token_merge", self.token_merge, TOKEN_MERGE_MODES)
         if self.quantize_attention_probs and self.mode != "weight_activation":
             raise ValueError("QuEPTConfig.quantize_attention_probs=True needs mode='weight_activation'")

@@ -46,6 +46,7 @@ from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, 
 from huggingface_hub.utils import is_jinja_available
 from torch import nn
 
+from .calibration.engine import SETTINGS as CALIBRATION_SETTINGS
 from .config import FLOAT_BITS, QuEPTConfig
 from .mbclora.config import MBCLORA, MBCLoRAConfig, adapter_name_for_bits
 from .mbclora.layer import MBCLoRALayer
@@ -59,7 +60,7 @@ from .serialization import (
     pushing_to,
     save_elastic,
 )
-from .switch import get_bits, quept_config, set_bits
+from .switch import quept_config
 
 logger = logging.getLogger(__name__)
 
@@ -74,13 +75,11 @@ REPLACED_FILES = (
     PLOT_NAME, "quept_sensitivity.safetensors",
 )  # fmt: skip
 ALLOW_UNCALIBRATED_ENV = "QUEPT_ALLOW_UNCALIBRATED"
-CALIBRATION_FIELDS = (
-    "num_samples", "seq_len", "epochs", "batch_size", "lr_lora", "lr_clip", "loss", "top_p", "merge_weights",
-    "token_merge", "cascade_training", "seed",
-)  # fmt: skip
+CALIBRATION_FIELDS = tuple(name for name in CALIBRATION_SETTINGS if name != "checkpoint_dir")
 LOWER_IS_BETTER = ("perplexity", "ppl", "loss", "error", "wer", "cer", "nll")
 BASE_TAGS = ("quept", "quantization", "elastic-precision", "mbclora")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_BIT_NAME = re.compile(r"w\d+")  # adapter name of a uniform bit-width
 
 
 # ------------------------------------------------------------------------------------------------- install
@@ -398,18 +397,13 @@ def measure_perplexity(
 ) -> dict[str, Any]:
     """Perplexity (`quept_hf.evaluation.perplexity`) at each bit-width, plan and float, recorded with
     `record_evaluation`; the model's bit-width is restored afterwards. Returns the recorded entry."""
-    from .evaluation import perplexity
+    from .evaluation import per_bit, perplexity
 
     config = quept_config(model)
     names = list(adapters) if adapters is not None else [*(f"w{b}" for b in config.bits), *config.plans, FLOAT_NAME]
-    previous = get_bits(model)
-    results = {}
-    try:
-        for name in names:
-            set_bits(model, FLOAT_BITS if name == FLOAT_NAME else name)
-            results[name] = perplexity(model, texts, tokenizer, **perplexity_kwargs)
-    finally:
-        set_bits(model, previous if isinstance(previous, int) else config.default_bits)
+    keys = {n: FLOAT_BITS if n == FLOAT_NAME else int(n[1:]) if _BIT_NAME.fullmatch(n) else n for n in names}
+    scores = per_bit(model, lambda m: perplexity(m, texts, tokenizer, **perplexity_kwargs), list(keys.values()))
+    results = {name: scores[key] for name, key in keys.items()}
     return record_evaluation(model, results, "perplexity", dataset=dataset, lower_is_better=True)
 
 

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 SETTINGS = (
     "num_samples", "seq_len", "epochs", "batch_size", "lr_lora", "lr_clip", "loss",
-    "top_p", "merge_weights", "token_merge", "cascade_training", "seed", "checkpoint_dir",
+    "top_p", "merge_weights", "token_merge", "cascade_training", "lr_scaling", "seed", "checkpoint_dir",
 )  # fmt: skip
 MIN_LR_RATIO = 0.01  # cosine schedule down to lr/100
 STATS_SAMPLES = 16  # calibration samples used to measure LayerNorm ranges and initialise activation scales
@@ -305,6 +305,7 @@ def _train_block(
 ) -> None:
     """AdamW over (MB-CLoRA slices, clipping logits); each step samples one bit-width per group."""
     lora, clips = block.trainable()
+    groups = _parameter_groups(block, settings)
     steps_per_epoch = math.ceil(len(y_fp) / settings.batch_size)
     total = settings.epochs * steps_per_epoch
     if total == 0:
@@ -313,9 +314,7 @@ def _train_block(
         p.requires_grad_(True)
     for layer in block.layers.values():
         layer.owned_gradients = settings.cascade_training == "owned"
-    optimizer = torch.optim.AdamW(
-        [{"params": lora, "lr": settings.lr_lora}, {"params": clips, "lr": settings.lr_clip}], weight_decay=0.0
-    )
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: _cosine(t, total))
     progress = tqdm(total=total, desc=f"block {block.index}", leave=False, unit="step")
     step = 0
@@ -339,6 +338,29 @@ def _train_block(
         for layer in block.layers.values():
             layer.owned_gradients = False
     logger.debug("block %d calibrated: last losses %s", block.index, losses)
+
+
+def _parameter_groups(block: _Block, settings: QuEPTConfig) -> list[dict]:
+    """AdamW groups: MB-CLoRA slices at ``lr_lora``, clipping logits at ``lr_clip``; with ``lr_scaling="step"``
+    one group per bit group (slices) and per bit-width (clips), each lr scaled by its grid step."""
+    lora, clips = block.trainable()
+    if settings.lr_scaling == "none":
+        return [{"params": lora, "lr": settings.lr_lora}, {"params": clips, "lr": settings.lr_clip}]
+    low = min(settings.bits)
+    scale = {b: (2**low - 1) / (2**b - 1) for b in settings.bits}
+    groups = []
+    for group in settings.bit_groups:
+        slices = [p for layer in block.layers.values() for p in layer.group_parameters(group)]
+        groups.append({"params": slices, "lr": settings.lr_lora * scale[min(group)]})
+    named = [(n, p) for n, p in block.module.named_parameters() if ".clip_" in n]
+    for bits in settings.bits:
+        owned = [p for n, p in named if n.rsplit(".", 1)[-1] == str(bits)]
+        groups.append({"params": owned, "lr": settings.lr_clip * scale[bits]})
+    assigned = {id(p) for g in groups for p in g["params"]}
+    missed = [n for n, p in block.module.named_parameters() if id(p) in {id(q) for q in lora + clips} - assigned]
+    if missed:
+        raise RuntimeError(f"lr_scaling='step' found trainable tensors of no bit-width: {missed[:4]}")
+    return [g for g in groups if g["params"]]
 
 
 def _step(
