@@ -283,6 +283,29 @@ def test_separate_streams_are_the_inputs_each_bit_width_meets_at_inference(tiny_
     assert not torch.equal(seen[1].streams[0], seen[1].streams[-1])  # 2-bit and 8-bit inputs differ after block 0
 
 
+def test_step_scaled_learning_rates(tiny_llama_dir, monkeypatch):
+    """lr_scaling="step": each group's slices and each bit's clipping logits learn at lr * step(b) / step(2)."""
+    seen = []
+    adamw = torch.optim.AdamW
+
+    def spy(groups, **kwargs):
+        seen.append([(len(g["params"]), g["lr"]) for g in groups])
+        return adamw(groups, **kwargs)
+
+    monkeypatch.setattr(engine.torch.optim, "AdamW", spy)
+    model = load(tiny_llama_dir, lr_scaling="step", lr_lora=1e-3, lr_clip=1e-2)
+    calibrate(model, calibration_ids())
+    per_layer = 7  # q, k, v, o, gate, up, down
+    groups = [[2], [3, 4], [5, 6], [7, 8]]
+    slices = [(2 * per_layer, 1e-3 * 3 / (2 ** min(g) - 1)) for g in groups]  # one (A, B) pair per layer and group
+    clips = [(2 * per_layer, 1e-2 * 3 / (2**b - 1)) for b in ALL_BITS]  # upper + lower logits per layer
+    expected = slices + clips
+    assert len(seen) == 2
+    for got in seen:
+        assert [n for n, _ in got] == [n for n, _ in expected]
+        assert [lr for _, lr in got] == pytest.approx([lr for _, lr in expected])
+
+
 # ---------------------------------------------------------------------------- 3./4. resume, determinism
 
 
@@ -539,8 +562,9 @@ def test_unsupported_architecture_is_refused(tmp_path):
         {"token_merge": "uniform", "loss": "mse"},
         {"token_merge": "none"},
         {"token_merge": "separate"},
+        {"lr_scaling": "step"},
     ],
-    ids=["single-bit", "independent", "uniform-merge-mse", "no-merge", "separate-streams"],
+    ids=["single-bit", "independent", "uniform-merge-mse", "no-merge", "separate-streams", "step-scaled-lr"],
 )
 def test_ablation_switches_run(tiny_llama_dir, setting, monkeypatch):
     modes, losses = [], set()
