@@ -30,8 +30,8 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 
 bench: venv
-	@for script in benchmarks/*.py; do \
-		[ -e "$$script" ] || continue; \
+	@for script in benchmarks/[!_]*.py; do \
+		[ "$$script" = benchmarks/gpu_check.py ] && continue; \
 		echo "== $$script --quick"; \
 		$(PY) "$$script" --quick || exit 1; \
 	done

@@ -4,81 +4,101 @@
     python benchmarks/calibrate_smollm2.py --quick    # a few minutes on 2 CPU cores
 
 Calibrates on Wikipedia articles and evaluates on OTHER articles (quept_hf.assets.wikipedia_split).
-Prints the table and writes benchmarks/results/calibrate_smollm2.csv.
+Prints the table and writes benchmarks/results/calibrate_smollm2_MODE[TAG].csv (and .png).
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
+import json
 import resource
 import time
-from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+import _common as common
 
 import quept_hf
-from quept_hf.assets import smollm2_float_dir, wikipedia_split
-from quept_hf.evaluation import perplexity
-
-RESULTS = Path(__file__).parent / "results"
+from quept_hf.atomic import atomic_write_text
+from quept_hf.config import CASCADE_TRAINING, LR_SCALING, TOKEN_MERGE_MODES
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small setting (minutes on a laptop CPU)")
+def parse_args():
+    parser = common.parser(__doc__, quick="small setting (minutes on a laptop CPU)", threads=2)
     parser.add_argument("--mode", default="weight_only", choices=["weight_only", "weight_activation"])
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--rank", type=int, default=32, help="rank each bit group adds to the cascade")
     parser.add_argument("--eval-windows", type=int, default=40, help="512-token held-out windows")
-    parser.add_argument("--token-merge", default="mbtome", choices=["mbtome", "uniform", "none"])
-    parser.add_argument("--cascade-training", default="owned", choices=["owned", "joint"])
+    parser.add_argument("--token-merge", default=None, choices=TOKEN_MERGE_MODES, help="default: QuEPTConfig's")
+    parser.add_argument("--cascade-training", default=None, choices=CASCADE_TRAINING, help="default: QuEPTConfig's")
+    parser.add_argument("--lr-scaling", default=None, choices=LR_SCALING, help="default: QuEPTConfig's")
+    parser.add_argument("--cascade", default=None, choices=["on", "off"], help="off: independent adapters per group")
+    parser.add_argument("--bits", type=int, default=None, help="single-bit calibration at this bit-width (ablation)")
+    parser.add_argument("--skip-rtn", action="store_true", help="leave round-to-nearest out (NaN) unless cached")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr-lora", type=float, default=None, help="default: the spec's (QuEPTConfig)")
     parser.add_argument("--lr-clip", type=float, default=None, help="default: the spec's (QuEPTConfig)")
     parser.add_argument("--tag", default="", help="suffix of the CSV name (keeps ablation runs apart)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="save the calibrated model to this folder")
     return parser.parse_args()
 
 
-def main() -> None:
-    args = parse_args()
-    if args.quick:
-        args.num_samples, args.seq_len, args.epochs, args.rank, args.eval_windows = 16, 256, 2, 16, 8
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    folder = smollm2_float_dir()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    calib_texts, eval_texts = wikipedia_split()
-    config = quept_hf.QuEPTConfig(mode=args.mode, num_samples=args.num_samples, seq_len=args.seq_len)
-    config.ranks = [args.rank] * len(config.bit_groups)
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=torch.float32)
-    model.eval()
+def overrides(args) -> dict:
+    """Calibration settings given on the command line (the rest stay QuEPTConfig's defaults)."""
+    given = {
+        "token_merge": args.token_merge, "cascade_training": args.cascade_training, "lr_scaling": args.lr_scaling,
+        "lr_lora": args.lr_lora, "lr_clip": args.lr_clip,
+    }  # fmt: skip
+    return {k: v for k, v in given.items() if v is not None}
 
-    def ppl() -> float:
-        return perplexity(model, eval_texts, tokenizer, seq_len=512, max_windows=args.eval_windows)
 
-    rows = {"float": {"bits": "float", "rtn": None}}
+def rtn_perplexities(model, config, windows: int, ppl, skip: bool = False) -> dict[str, float]:
+    """Float and round-to-nearest perplexity per bit-width, cached in benchmarks/results (they depend only on the
+    quantizer settings and the evaluation windows, not on the calibration settings this script varies)."""
+    key = {"mode": config.mode, "windows": windows}
+    sizes = {str(b): g for b, g in config.group_size.items()}
+    cache = common.RESULTS / f"rtn_smollm2_{config.mode}_{windows}.json"
+    found = json.loads(cache.read_text()) if cache.exists() else {}
+    same = found.get("key") == key and all(found["group_size"].get(b) == g for b, g in sizes.items())
+    if same and all(b in found["ppl"] for b in sizes):
+        return found["ppl"]
+    if skip:
+        return {"float": float("nan"), **{str(b): float("nan") for b in config.bits}}
     quept_hf.set_bits(model, 16)
-    rows["float"]["rtn"] = rows["float"]["quept"] = ppl()
+    result = {"float": ppl()}
     for bits in config.bits:
         quept_hf.set_bits(model, bits)
-        rows[bits] = {"bits": bits, "rtn": ppl()}
+        result[str(bits)] = ppl()
+    if not same:  # keep the cache of the full bit range
+        common.RESULTS.mkdir(exist_ok=True)
+        atomic_write_text(cache, json.dumps({"key": key, "group_size": sizes, "ppl": result}, indent=1))
+    return result
+
+
+def main() -> None:
+    args = common.setup(parse_args(), dict(num_samples=16, seq_len=256, epochs=2, rank=16, eval_windows=8))
+    smol = common.smollm2()
+    structure = {"bits": [args.bits], "bit_groups": [[args.bits]]} if args.bits else {}
+    if args.cascade:
+        structure["cascade"] = args.cascade == "on"
+    config = quept_hf.QuEPTConfig(mode=args.mode, num_samples=args.num_samples, seq_len=args.seq_len, **structure)
+    config.ranks = [args.rank] * len(config.bit_groups)
+    model = smol.load(config)
+
+    def ppl() -> float:
+        return smol.perplexity(model, args.eval_windows)
+
+    rtn = rtn_perplexities(model, config, args.eval_windows, ppl, args.skip_rtn)  # before calibration: RTN
+    rows = {"float": {"bits": "float", "rtn": rtn["float"], "quept": rtn["float"]}}
+    rows.update({bits: {"bits": bits, "rtn": rtn[str(bits)]} for bits in config.bits})
 
     start = time.perf_counter()
     quept_hf.calibrate(
         model,
-        calib_texts,
-        tokenizer=tokenizer,
+        smol.calib_texts,
+        tokenizer=smol.tokenizer,
         epochs=args.epochs,
-        token_merge=args.token_merge,
-        cascade_training=args.cascade_training,
         batch_size=args.batch_size,
-        **{k: v for k, v in (("lr_lora", args.lr_lora), ("lr_clip", args.lr_clip)) if v is not None},
+        **overrides(args),
     )
     seconds = time.perf_counter() - start
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -92,11 +112,10 @@ def main() -> None:
     print(f"{'bits':>6} | {'RTN':>10} | {'QuEPT':>10}")
     for row in rows.values():
         print(f"{row['bits']!s:>6} | {row['rtn']:>10.2f} | {row['quept']:>10.2f}")
-    RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / f"calibrate_smollm2_{args.mode}{args.tag}.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["bits", "rtn", "quept"])
-        writer.writeheader()
-        writer.writerows(rows.values())
+    reference = {"float": rows["float"]["rtn"]}
+    title = f"SmolLM2-135M {args.mode}{args.tag}: held-out perplexity"
+    plot = common.Plot("bits", ["rtn", "quept"], log=True, title=title, ylabel="perplexity", reference=reference)
+    common.write_results(f"calibrate_smollm2_{args.mode}{args.tag}", rows.values(), plot)
     if args.out:
         model.save_pretrained(args.out)
 

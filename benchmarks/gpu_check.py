@@ -62,23 +62,34 @@ def tiny_llama_dir() -> str:
     return folder
 
 
-def calibrated(folder: str, ids: torch.Tensor, cuda: bool) -> torch.nn.Module:
-    config = quept_hf.QuEPTConfig(ranks=[4] * 4, group_size=16, smoothing=False)
+# The engine's option paths that touch tensors on the compute device: MB-ToMe vs separate streams, one lr per
+# parameter kind vs per-bit step-scaled lrs, and AWQ-style smoothing (its grid search runs on the device too).
+VARIANTS = {
+    "mbtome": dict(token_merge="mbtome", lr_scaling="none", smoothing=False),
+    "separate+step+smoothing": dict(token_merge="separate", lr_scaling="step", smoothing=True),
+}
+
+
+def calibrated(folder: str, ids: torch.Tensor, cuda: bool, variant: str = "mbtome") -> torch.nn.Module:
+    settings = dict(VARIANTS[variant])
+    config = quept_hf.QuEPTConfig(ranks=[4] * 4, group_size=16, smoothing=settings.pop("smoothing"))
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config)
     available = torch.cuda.is_available
     torch.cuda.is_available = lambda: cuda  # the engine picks its device from this
     try:
-        quept_hf.calibrate(model, ids, epochs=2, num_samples=8, seq_len=32, batch_size=4, lr_lora=1e-4, lr_clip=0.1)
+        quept_hf.calibrate(
+            model, ids, epochs=2, num_samples=8, seq_len=32, batch_size=4, lr_lora=1e-4, lr_clip=0.1, **settings
+        )
     finally:
         torch.cuda.is_available = available
     return model
 
 
-def check_calibration(folder: str) -> None:
+def check_calibration(folder: str, variant: str) -> None:
     ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
-    on_cpu, on_cuda = calibrated(folder, ids, False), calibrated(folder, ids, True)
+    on_cpu, on_cuda = calibrated(folder, ids, False, variant), calibrated(folder, ids, True, variant)
     devices = {p.device.type for p in on_cuda.parameters()}
-    report("calibration keeps the model on its device", devices == {"cpu"}, f"parameter devices {devices}")
+    report(f"{variant}: calibration keeps the model on its device", devices == {"cpu"}, f"devices {devices}")
     x = ids[:4]
     for bits in (2, 4, 8):
         on_cpu.set_adapter(f"w{bits}")
@@ -86,7 +97,7 @@ def check_calibration(folder: str) -> None:
         with torch.no_grad():
             a, b = on_cpu(x).logits, on_cuda(x).logits
         rel = ((a - b).norm() / a.norm()).item()
-        report(f"calibration cuda vs cpu w{bits}", rel < 5e-2, f"relative logit difference {rel:.2e}")
+        report(f"{variant}: calibration cuda vs cpu w{bits}", rel < 5e-2, f"relative logit difference {rel:.2e}")
 
 
 def check_packed(folder: str) -> None:
@@ -109,7 +120,8 @@ def main() -> int:
         return 1
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     folder = tiny_llama_dir()
-    for check in (check_hadamard, check_packing, lambda: check_calibration(folder), lambda: check_packed(folder)):
+    calibrations = [lambda v=v: check_calibration(folder, v) for v in VARIANTS]
+    for check in (check_hadamard, check_packing, *calibrations, lambda: check_packed(folder)):
         try:
             check()
         except Exception as error:  # report every check, even after one breaks

@@ -10,53 +10,45 @@ Every model is calibrated with QuEPT on Wikipedia articles and evaluated on OTHE
 - wo: weight-only W2 / W3 without vs with AWQ-style smoothing (QuEPTConfig(smoothing=False / True));
 - kv: the rotated W+A model with a 4-bit KV cache (perplexity at W8A8 and W4A4, and generate() text).
 ``--quick`` calibrates only the bit-widths it reports (one group each) and searches smoothing on a coarser grid.
-Writes benchmarks/results/lowbit_transforms.csv.
+Writes benchmarks/results/lowbit_transforms[_PART][_quick].csv (and .png).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import time
-from pathlib import Path
 
+import _common as common
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import quept_hf
-from quept_hf.assets import smollm2_float_dir, wikipedia_split
 from quept_hf.calibration import smoothing
 from quept_hf.calibration.rotation import install_online_transforms
-from quept_hf.evaluation import perplexity
 
-RESULTS = Path(__file__).parent / "results"
 PROMPT = "What is the capital of France?"
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="short schedule (tens of minutes on 2 busy CPU cores)")
+    parser = common.parser(__doc__, quick="short schedule (tens of minutes on 2 busy CPU cores)")
     parser.add_argument("--part", choices=["wa", "wo", "kv", "all"], default="all")
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--rank", type=int, default=32, help="rank each bit group adds to the cascade")
     parser.add_argument("--eval-windows", type=int, default=40, help="512-token held-out windows")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine: no spinning)")
     return parser.parse_args()
 
 
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.folder = smollm2_float_dir()
-        self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
-        self.calib_texts, self.eval_texts = wikipedia_split()
+        self.smol = common.smollm2()
+        self.tokenizer = self.smol.tokenizer
         self.rows: list[dict] = []
 
     def ppl(self, model) -> float:
-        return perplexity(model, self.eval_texts, self.tokenizer, seq_len=512, max_windows=self.args.eval_windows)
+        return self.smol.perplexity(model, self.args.eval_windows)
 
     def calibrated(self, mode: str, bits: list[int], **transforms) -> torch.nn.Module:
         """SmolLM2 loaded with QuEPT (rotation happens at load), then calibrated; prints the wall time."""
@@ -70,12 +62,12 @@ class Bench:
             **transforms,
         )
         config.ranks = [self.args.rank] * len(config.bit_groups)
-        model = AutoModelForCausalLM.from_pretrained(self.folder, quantization_config=config, dtype=torch.float32)
+        model = self.smol.load(config)
         if mode == "weight_activation":  # round-to-nearest W4A4 first: the rotation alone, before calibration
             quept_hf.set_bits(model.eval(), 4)
             self.record("wa", f"RTN{' rotation' if transforms.get('rotation') else ''}", "W4A4", self.ppl(model))
         start = time.perf_counter()
-        quept_hf.calibrate(model.eval(), self.calib_texts, tokenizer=self.tokenizer, epochs=self.args.epochs)
+        quept_hf.calibrate(model.eval(), self.smol.calib_texts, tokenizer=self.tokenizer, epochs=self.args.epochs)
         print(f"  calibrated {mode} {transforms} in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
         return model
 
@@ -84,7 +76,7 @@ class Bench:
         print(f"  {part:3} {setting:14} {bits:10} ppl {value:10.2f}", flush=True)
 
     def float_ppl(self) -> None:
-        model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=torch.float32).eval()
+        model = self.smol.load()
         self.record("-", "float", "16", self.ppl(model))
 
     def weight_activation(self, rotations: tuple[bool, ...] = (False, True)) -> None:
@@ -126,21 +118,17 @@ class Bench:
             print(f"  generate W{bits}A{bits}, 4-bit KV cache: {PROMPT!r} -> {text!r}", flush=True)
 
     def save(self) -> None:
-        RESULTS.mkdir(exist_ok=True)
         part = "" if self.args.part == "all" else f"_{self.args.part}"
-        name = f"lowbit_transforms{part}{'_quick' if self.args.quick else ''}.csv"
-        with open(RESULTS / name, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["part", "setting", "bits", "ppl"])
-            writer.writeheader()
-            writer.writerows(self.rows)
+        floats = {row["setting"]: row["ppl"] for row in self.rows if row["setting"] == "float"}
+        plot = common.Plot(
+            "bits", "ppl", series="setting", log=True, title="SmolLM2-135M low-bit transforms: held-out perplexity",
+            where=lambda row: row["setting"] != "float", reference=floats,
+        )  # fmt: skip
+        common.write_results(f"lowbit_transforms{part}{'_quick' if self.args.quick else ''}", self.rows, plot)
 
 
 def main() -> None:
-    args = parse_args()
-    if args.quick:
-        args.num_samples, args.seq_len, args.epochs, args.rank, args.eval_windows = 16, 256, 1, 16, 8
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    args = common.setup(parse_args(), dict(num_samples=16, seq_len=256, epochs=1, rank=16, eval_windows=8))
     bench = Bench(args)
     print(
         f"SmolLM2-135M: {args.num_samples} x {args.seq_len} calibration tokens, {args.epochs} epochs, "

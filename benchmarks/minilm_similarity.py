@@ -9,31 +9,29 @@ model). Sentences come from held-out Wikipedia articles; calibration text from O
 between quantized and float embeddings, and the nearest-neighbour agreement (each sentence's most similar other
 sentence, quantized vs float), for round-to-nearest ("RTN": the same model after ``calibrate(epochs=0)``) and
 QuEPT (after calibration) — one calibrated model per mode. Prints the table and writes
-benchmarks/results/minilm_similarity.csv.
+benchmarks/results/minilm_similarity.csv (and .png).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import re
 import time
-from pathlib import Path
 
+import _common as common
 import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
 import quept_hf
 from quept_hf.assets import wikipedia_split
+from quept_hf.config import LR_SCALING, TOKEN_MERGE_MODES
 
-RESULTS = Path(__file__).parent / "results"
 MODES = {"weight_only": [2, 3, 4, 5, 6, 7, 8], "weight_activation": [4, 5, 6, 7, 8]}
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small setting (minutes on 2 CPU cores)")
+    parser = common.parser(__doc__)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--sentences", type=int, default=500)
     parser.add_argument("--num-samples", type=int, default=128, help="calibration windows")
@@ -41,7 +39,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--rank", type=int, default=16, help="rank each bit group adds to the cascade")
     parser.add_argument("--lr-lora", type=float, default=None, help="default: the spec's LLaMA value per mode")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lr-scaling", default="none", choices=LR_SCALING)
+    parser.add_argument("--token-merge", default="mbtome", choices=TOKEN_MERGE_MODES)
+    parser.add_argument("--tag", default="", help="suffix of the result files (keeps ablation runs apart)")
     return parser.parse_args()
 
 
@@ -102,7 +102,10 @@ def run_mode(mode: str, args, tokenizer, calib_texts, eval_sentences, reference,
         quept_hf.set_bits(model, b)
         rtn[b] = compare(embed(model, tokenizer, eval_sentences), reference)
     print(f"{mode}: RTN measured ({time.time() - start:.0f}s)", flush=True)
-    quept_hf.calibrate(model, calib_texts, tokenizer=tokenizer, epochs=args.epochs)
+    quept_hf.calibrate(
+        model, calib_texts, tokenizer=tokenizer, epochs=args.epochs, lr_scaling=args.lr_scaling,
+        token_merge=args.token_merge,
+    )  # fmt: skip
     rows = []
     for b in MODES[mode]:
         quept_hf.set_bits(model, b)
@@ -114,11 +117,7 @@ def run_mode(mode: str, args, tokenizer, calib_texts, eval_sentences, reference,
 
 
 def main() -> None:
-    args = parse_args()
-    if args.quick:
-        args.sentences, args.num_samples, args.epochs = 200, 32, 2
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    args = common.setup(parse_args(), dict(sentences=200, num_samples=32, epochs=2))
     start = time.time()
     tokenizer = AutoTokenizer.from_pretrained(model_path())
     calib_texts, eval_texts = wikipedia_split()
@@ -128,20 +127,20 @@ def main() -> None:
                                                             reference, start)]  # fmt: skip
     setting = (
         f"{len(eval_sentences)} held-out Wikipedia sentences, calib {args.num_samples} x {args.seq_len} tokens, "
-        f"{args.epochs} epochs, rank {args.rank}/group, {(time.time() - start) / 60:.1f} min"
+        f"{args.epochs} epochs, rank {args.rank}/group, lr_scaling {args.lr_scaling}, token_merge {args.token_merge}, "
+        f"{(time.time() - start) / 60:.1f} min"
     )
     print(f"\nall-MiniLM-L6-v2: cosine(quantized, float) sentence embeddings ({setting})")
     print(f"{'mode':<18}{'bits':>5} | {'cos RTN':>8}{'cos QuEPT':>10} | {'p5 RTN':>7}{'p5 QuEPT':>9} | "
           f"{'NN RTN':>7}{'NN QuEPT':>9}")  # fmt: skip
     for mode, b, c_rtn, c_q, p_rtn, p_q, n_rtn, n_q in rows:
         print(f"{mode:<18}{b:>5} | {c_rtn:>8.4f}{c_q:>10.4f} | {p_rtn:>7.4f}{p_q:>9.4f} | {n_rtn:>7.1f}{n_q:>9.1f}")
-    RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / "minilm_similarity.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["mode", "bits", "rtn_cos_mean", "quept_cos_mean", "rtn_cos_p5", "quept_cos_p5",
-                         "rtn_nn_agree", "quept_nn_agree", "setting"])  # fmt: skip
-        writer.writerows([[*row, setting] for row in rows])
-    print(f"wrote {RESULTS / 'minilm_similarity.csv'}")
+    header = ["mode", "bits", "rtn_cos_mean", "quept_cos_mean", "rtn_cos_p5", "quept_cos_p5", "rtn_nn_agree",
+              "quept_nn_agree", "setting"]  # fmt: skip
+    plot = common.Plot("bits", ["rtn_cos_mean", "quept_cos_mean"], series="mode", ylabel="cosine(quantized, float)",
+                       title="all-MiniLM-L6-v2: sentence embeddings vs float")  # fmt: skip
+    results = [dict(zip(header, [*row, setting], strict=True)) for row in rows]
+    common.write_results(f"minilm_similarity{args.tag}", results, plot)
 
 
 if __name__ == "__main__":

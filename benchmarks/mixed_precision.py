@@ -7,25 +7,22 @@
 Calibrates once (or loads a calibrated model), measures the layer sensitivity table (timed), then reports
 held-out perplexity (other Wikipedia articles than the calibration ones) of uniform 2/3/4 bits, the DP plans
 at 2.25/2.5/3.25 average bits per weight, and the best of 10 random plans at the same budgets. Prints the table
-and writes benchmarks/results/mixed_precision.csv.
+and writes benchmarks/results/mixed_precision.csv (and .png).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import random
 import time
 from fractions import Fraction
-from pathlib import Path
 
+import _common as common
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import quept_hf
-from quept_hf.assets import smollm2_float_dir, wikipedia_split
-from quept_hf.evaluation import perplexity
 from quept_hf.mixed_precision import (
     SensitivityTable,
     add_plan,
@@ -36,14 +33,12 @@ from quept_hf.mixed_precision import (
 )
 from quept_hf.quantizer import quept_linears
 
-RESULTS = Path(__file__).parent / "results"
 UNIFORM = (2, 3, 4)
 TARGETS = (2.25, 2.5, 3.25)
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small setting (about 2 h on 2 busy shared CPU cores)")
+    parser = common.parser(__doc__, quick="small setting (about 2 h on 2 busy shared CPU cores)")
     parser.add_argument("--calibrated", default=None, help="load this saved calibrated model instead of calibrating")
     parser.add_argument(
         "--save", default=None, help="save the calibrated model here (again at the end, with plans and table)"
@@ -59,9 +54,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sens-seq-len", type=int, default=128, help="sensitivity window length")
     parser.add_argument("--eval-windows", type=int, default=40, help="512-token held-out windows")
     parser.add_argument("--random-plans", type=int, default=10)
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1 avoids OpenMP spin-waits on a shared CPU)"
-    )
     return parser.parse_args()
 
 
@@ -93,32 +85,27 @@ def weighted_average(bits: dict[str, int], model: torch.nn.Module) -> float:
     return sum(sizes[n] * b for n, b in bits.items()) / sum(sizes[n] for n in bits)
 
 
-def load_model(args: argparse.Namespace, tokenizer, calib_texts: list[str]) -> tuple[torch.nn.Module, float]:
+def load_model(args: argparse.Namespace, smol: common.SmolLM2) -> tuple[torch.nn.Module, float]:
     if args.calibrated:
         return AutoModelForCausalLM.from_pretrained(args.calibrated, dtype=torch.float32).eval(), 0.0
     config = quept_hf.QuEPTConfig(mode="weight_only", num_samples=args.num_samples, seq_len=args.seq_len)
     config.ranks = [args.rank] * len(config.bit_groups)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_float_dir(), quantization_config=config, dtype=torch.float32)
+    model = smol.load(config)
     start = time.perf_counter()
-    quept_hf.calibrate(model, calib_texts, tokenizer=tokenizer, epochs=args.epochs)
+    quept_hf.calibrate(model, smol.calib_texts, tokenizer=smol.tokenizer, epochs=args.epochs)
     return model.eval(), time.perf_counter() - start
 
 
 def main() -> None:
-    args = parse_args()
-    if args.quick:
-        args.num_samples, args.seq_len, args.epochs, args.rank = 16, 256, 2, 16
-        args.sens_samples, args.sens_seq_len, args.eval_windows = 2, 128, 6
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_float_dir())
-    calib_texts, eval_texts = wikipedia_split()
-    model, calib_seconds = load_model(args, tokenizer, calib_texts)
+    quick = dict(num_samples=16, seq_len=256, epochs=2, rank=16, sens_samples=2, sens_seq_len=128, eval_windows=6)
+    args = common.setup(parse_args(), quick)
+    smol = common.smollm2()
+    model, calib_seconds = load_model(args, smol)
     if args.save and not args.calibrated:
         model.save_pretrained(args.save)
 
     def ppl() -> float:
-        return perplexity(model, eval_texts, tokenizer, seq_len=512, max_windows=args.eval_windows)
+        return smol.perplexity(model, args.eval_windows)
 
     start = time.perf_counter()
     if args.reuse_table:
@@ -127,7 +114,7 @@ def main() -> None:
         sens_seconds = table.info["seconds"]
     else:
         table = sensitivity(
-            model, calib_texts, tokenizer=tokenizer, num_samples=args.sens_samples, seq_len=args.sens_seq_len
+            model, smol.calib_texts, tokenizer=smol.tokenizer, num_samples=args.sens_samples, seq_len=args.sens_seq_len
         )
         sens_seconds = time.perf_counter() - start
     attach_sensitivity(model, table)
@@ -199,12 +186,13 @@ def report(args, rows: list[dict], table: SensitivityTable, calib_seconds: float
     print()
     for line in verdicts(rows):
         print(line)
-    RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / "mixed_precision.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["kind", "plan", "target", "avg_bits", "ppl"])
-        writer.writeheader()
-        writer.writerows(rows)
-        writer.writerow({"kind": "sensitivity_seconds", "plan": "", "target": "", "avg_bits": "", "ppl": sens_seconds})
+    plot = common.Plot(
+        "avg_bits", "ppl", series=lambda row: row["kind"].split(" (")[0], log=True, ylabel="held-out perplexity",
+        title="SmolLM2-135M mixed precision", where=lambda row: row["kind"] not in ("float", "sensitivity_seconds"),
+        reference={"float": rows[0]["ppl"]},
+    )  # fmt: skip
+    sens = {"kind": "sensitivity_seconds", "plan": "", "target": "", "avg_bits": "", "ppl": sens_seconds}
+    common.write_results("mixed_precision", [*rows, sens], plot)
 
 
 if __name__ == "__main__":

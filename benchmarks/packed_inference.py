@@ -12,13 +12,12 @@ loaded packed model (they must agree: same dequantized weights); the max |logit|
 CPU tokens/s for a 1x256 prefill and for 32 greedy new tokens (``generate``), and their ratio to the float
 model timed just before (same machine load). Also: the
 elastic checkpoint (float weights + per-bit clipping + adapters: every bit-width) against one packed checkpoint
-per bit-width. Writes benchmarks/results/packed_inference.csv.
+per bit-width. Writes benchmarks/results/packed_inference.csv (and .png).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
 import pkgutil
 import shutil
@@ -27,23 +26,20 @@ import tempfile
 import time
 from pathlib import Path
 
+import _common as common
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import quept_hf
-from quept_hf.assets import smollm2_float_dir, wikipedia_split
-from quept_hf.evaluation import perplexity
 from quept_hf.packing import PackedLinear, set_weight_cache
 
-RESULTS = Path(__file__).parent / "results"
 BITS = [2, 3, 4, 5, 6, 7, 8]
 MIXED_TARGET = 3.25
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="short calibration and evaluation")
+    parser = common.parser(__doc__, quick="short calibration and evaluation", threads=None)
     parser.add_argument("--rtn", action="store_true", help="no calibration (round-to-nearest, clip init 4.0)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--num-samples", type=int, default=32)
@@ -53,7 +49,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prefill", type=int, default=256, help="prompt tokens of the prefill timing")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens of the decode timing")
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (the median is reported)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--keep", default=None, help="keep the exported folders here (default: a temp folder)")
     return parser.parse_args()
 
@@ -118,15 +113,14 @@ def speeds(model: nn.Module, prompt: torch.Tensor, args: argparse.Namespace) -> 
 # ------------------------------------------------------------------------------------------------ the run
 
 
-def elastic_model(folder: str, tokenizer, calib_texts: list[str], args: argparse.Namespace) -> nn.Module:
-    config = quept_hf.QuEPTConfig(mode="weight_only", ranks=[args.rank] * 4)
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=torch.float32).eval()
+def elastic_model(smol: common.SmolLM2, args: argparse.Namespace) -> nn.Module:
+    model = smol.load(quept_hf.QuEPTConfig(mode="weight_only", ranks=[args.rank] * 4))
     if not args.rtn:
         start = time.perf_counter()
         quept_hf.calibrate(
             model,
-            calib_texts,
-            tokenizer=tokenizer,
+            smol.calib_texts,
+            tokenizer=smol.tokenizer,
             epochs=args.epochs,
             num_samples=args.num_samples,
             seq_len=args.seq_len,
@@ -158,13 +152,13 @@ def logits_diff(a: nn.Module, b: nn.Module, prompt: torch.Tensor) -> float:
     return (a(input_ids=prompt).logits - b(input_ids=prompt).logits).abs().max().item()
 
 
-def row_for(target, model, reference, tokenizer, eval_texts, prompt, workdir: Path, args) -> dict:
+def row_for(target, model, reference, smol: common.SmolLM2, prompt, workdir: Path, args) -> dict:
     """Export ``target``, load it back, and measure it against the fake-quant model at ``target``.
 
     The float ``reference`` is timed right before the packed model, so the speed ratios compare runs made
     under the same machine load (on a shared machine, absolute tokens/s drift over a long run).
     """
-    ppl = lambda m: perplexity(m, eval_texts, tokenizer, seq_len=512, max_windows=args.eval_windows)  # noqa: E731
+    ppl = lambda m: smol.perplexity(m, args.eval_windows)  # noqa: E731
     quept_hf.set_bits(model, target)
     fake_ppl = ppl(model)
     name = target if isinstance(target, str) else f"w{target}"
@@ -207,27 +201,21 @@ def import_everything() -> None:
 def main() -> None:
     args = parse_args()
     import_everything()
-    if args.quick:
-        args.epochs, args.num_samples, args.seq_len, args.rank, args.eval_windows = 1, 8, 128, 8, 4
-        args.new_tokens, args.repeats = 16, 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    folder = smollm2_float_dir()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    calib_texts, eval_texts = wikipedia_split()
-    prompt = tokenizer("\n\n".join(eval_texts), return_tensors="pt").input_ids[:, : args.prefill]
+    quick = dict(epochs=1, num_samples=8, seq_len=128, rank=8, eval_windows=4, new_tokens=16, repeats=2)
+    common.setup(args, quick)
+    smol = common.smollm2()
+    prompt = smol.tokenizer("\n\n".join(smol.eval_texts), return_tensors="pt").input_ids[:, : args.prefill]
     workdir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="quept-packed-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        rows = [float_row(reference, folder, tokenizer, eval_texts, prompt, args)]
-        model = elastic_model(folder, tokenizer, calib_texts, args)
+        reference = smol.load()
+        rows = [float_row(reference, smol, prompt, args)]
+        model = elastic_model(smol, args)
         model.save_pretrained(workdir / "elastic")
         elastic_mb = folder_bytes(workdir / "elastic") / 1e6
-        plan = mixed_plan(model, tokenizer, calib_texts, args)
+        plan = mixed_plan(model, smol.tokenizer, smol.calib_texts, args)
         for target in [*BITS, *([plan] if plan else [])]:
-            rows.append(row_for(target, model, reference, tokenizer, eval_texts, prompt, workdir, args))
+            rows.append(row_for(target, model, reference, smol, prompt, workdir, args))
             print(format_row(rows[-1]), flush=True)
     finally:
         if not args.keep:
@@ -235,15 +223,15 @@ def main() -> None:
     report(rows, elastic_mb, args)
 
 
-def float_row(model: nn.Module, folder: str, tokenizer, eval_texts, prompt, args) -> dict:
+def float_row(model: nn.Module, smol: common.SmolLM2, prompt, args) -> dict:
     linears = [m for n, m in model.named_modules() if type(m) is nn.Linear and not n.endswith("lm_head")]
     weights = sum(m.weight.numel() for m in linears)
     prefill, decode = speeds(model, prompt, args)
-    ppl = perplexity(model, eval_texts, tokenizer, seq_len=512, max_windows=args.eval_windows)
+    ppl = smol.perplexity(model, args.eval_windows)
     row = {
         "model": "float32",
         "avg_bits": 32,
-        "file_MB": folder_bytes(Path(folder)) / 1e6,
+        "file_MB": folder_bytes(Path(smol.folder)) / 1e6,
         "linear_MB": weights * 4 / 1e6,
         "linear_vs_fp16": 2.0,
         "model_MB": tensor_bytes(model) / 1e6,
@@ -300,15 +288,14 @@ def report(rows: list[dict], elastic_mb: float, args: argparse.Namespace) -> Non
         f"setting: {setting}, num_samples={args.num_samples}, seq_len={args.seq_len}, rank={args.rank}; "
         f"{args.eval_windows} x 512-token held-out windows; {torch.get_num_threads()} threads"
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "packed_inference.csv"
     fields = [key for key, _ in COLUMNS] + ["decode_vs_float_cached"]
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-        writer.writerow({"model": "elastic (all bits)", "file_MB": elastic_mb})
-    print(f"wrote {path}")
+    plot = common.Plot(
+        "avg_bits", ["ppl_fake", "ppl_packed"], log=True, ylabel="held-out perplexity",
+        title=f"packed SmolLM2-135M, {setting}", reference={"float32": rows[0]["ppl_fake"]},
+        where=lambda row: row["model"] not in ("float32", "elastic (all bits)"),
+    )  # fmt: skip
+    elastic = {"model": "elastic (all bits)", "file_MB": elastic_mb}
+    common.write_results("packed_inference", [*rows, elastic], plot, fields)
 
 
 if __name__ == "__main__":

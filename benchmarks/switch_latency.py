@@ -9,7 +9,7 @@ Measures, on CPU:
 2. the steady-state forward at a switched bit-width (quantized weights cached) versus the float model
    (1 x 256 tokens).
 
-Prints a table with both ratios and writes ``benchmarks/results/switch_latency.csv``.
+Prints a table with both ratios and writes ``benchmarks/results/switch_latency.csv`` (and .png).
 
     python benchmarks/switch_latency.py            # full run
     python benchmarks/switch_latency.py --quick    # fewer repetitions
@@ -18,7 +18,6 @@ Prints a table with both ratios and writes ``benchmarks/results/switch_latency.c
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import tempfile
@@ -26,6 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import _common as common
 import torch
 import transformers
 from peft import PeftModel
@@ -34,15 +34,13 @@ from transformers import AutoModelForCausalLM
 import quept_hf
 from quept_hf import MBCLoRAConfig, QuEPTConfig, assets
 
-RESULTS = Path(__file__).resolve().parent / "results" / "switch_latency.csv"
+RESULTS = common.RESULTS / "switch_latency.csv"
 # Every step changes the bit-width (and, mostly, the bit group), low and high widths alternating.
 SWITCH_ORDER = [8, 2, 7, 3, 6, 4, 5]
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser = common.parser(__doc__, quick="fewer repetitions (a smoke run)", threads=2)
     parser.add_argument("--switch-tokens", type=int, default=64, help="tokens of the first forward after a switch")
     parser.add_argument("--forward-tokens", type=int, default=256, help="tokens of the steady-state forward")
     parser.add_argument("--bits", type=int, default=4, help="bit-width of the single-bit checkpoint and forward")
@@ -70,9 +68,7 @@ def load(folder: str | Path, **kwargs) -> torch.nn.Module:
 
 
 def main() -> None:
-    args = parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    args = common.setup(parse_args())
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     cycles, loads, forwards = (1, 2, 3) if args.quick else (3, 5, 10)
@@ -163,16 +159,12 @@ def main() -> None:
     print(f"{'measurement':<42} {'median':>10}  n")
     for name, value, unit, samples in rows:
         print(f"{name:<42} {value:>9.3f}{unit:<2} {samples}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".csv.tmp")
-    with open(tmp_out, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["metric", "value", "unit", "samples", "threads", "load_avg", "quept_hf"])
-        for name, value, unit, samples in rows:
-            row = [name, f"{value:.4f}", unit, samples, args.threads, f"{load_avg:.1f}", quept_hf.__version__]
-            writer.writerow(row)
-    os.replace(tmp_out, args.out)
-    print(f"\nwrote {args.out}")
+    run = {"threads": args.threads, "load_avg": f"{load_avg:.1f}", "quept_hf": quept_hf.__version__}
+    table = [{"metric": name, "value": f"{v:.4f}", "unit": unit, "samples": n, **run} for name, v, unit, n in rows]
+    plot = common.Plot("metric", "value", bar=True, ylabel="ms (median)", where=lambda row: row["unit"] == "ms",
+                       title=f"SmolLM2-135M bit switching, {args.threads} thread(s)")  # fmt: skip
+    print()
+    common.write_results(args.out, table, plot)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 import subprocess
 import sys
 import zipfile
@@ -17,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-CACHE = Path(os.environ.get("QUEPT_HF_CACHE", Path.home() / ".cache" / "quept_hf"))
+from quept_hf.assets import default_cache_dir
+
+CACHE = Path(default_cache_dir())
 SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot")
 

@@ -12,39 +12,36 @@ QuEPT calibration ("QuEPT"). On the 20 real ImageNet photos of foolbox it report
 quantized and float CLS features and the nearest-neighbour agreement (each photo's most similar other photo,
 quantized vs float features).
 
-Prints the table and writes benchmarks/results/vit_dinov2.csv. Weights: benchmarks/assets/dinov2_from_onnx.py.
+Prints the table and writes benchmarks/results/vit_dinov2.csv (and .png).
+Weights: benchmarks/assets/dinov2_from_onnx.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
-import sys
 import time
 from pathlib import Path
 
+import _common as common
 import numpy as np
 import torch
 import torch.nn.functional as F
+import vit_data
 from PIL import Image
 from transformers import Dinov2Model
 
 import quept_hf
+from quept_hf.evaluation import top1_accuracy
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
-sys.path.insert(0, str(HERE))
-import vit_data  # noqa: E402
-
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 BITS = [4, 5, 6, 7, 8]
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small setting (minutes on 2 CPU cores)")
+    parser = common.parser(__doc__)
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--train", type=int, default=1000, help="probe training images (balanced)")
     parser.add_argument("--test", type=int, default=500, help="held-out test images (balanced)")
@@ -52,7 +49,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rank", type=int, default=16, help="rank each bit group adds (spec ViT: 16/32/48)")
-    parser.add_argument("--threads", type=int, default=1)
     return parser.parse_args()
 
 
@@ -125,7 +121,7 @@ def neighbours(features: torch.Tensor) -> torch.Tensor:
 def evaluate(model, probe, test_x, test_y, photos, float_photo_features) -> dict[str, float]:
     photo_features = cls_features(model, photos)
     return {
-        "top1": (probe.predict(cls_features(model, test_x)) == test_y).float().mean().item() * 100,
+        "top1": top1_accuracy(model, test_x, test_y, batch_size=50, head=probe.predict) * 100,  # probe on CLS
         "imagenet_cos": F.cosine_similarity(photo_features, float_photo_features, dim=-1).mean().item(),
         "imagenet_nn_agree": (neighbours(photo_features) == neighbours(float_photo_features)).float().mean().item()
         * 100,
@@ -133,11 +129,8 @@ def evaluate(model, probe, test_x, test_y, photos, float_photo_features) -> dict
 
 
 def main() -> None:
-    args = parse_args()
-    if args.quick:
-        args.resolution, args.train, args.test, args.calib, args.epochs, args.batch_size = 112, 300, 200, 32, 2, 8
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    quick = dict(resolution=112, train=300, test=200, calib=32, epochs=2, batch_size=8)
+    args = common.setup(parse_args(), quick)
     start = time.time()
     folder = dinov2_folder()
     train_images, train_labels = vit_data.fashion_mnist("train")
@@ -191,14 +184,11 @@ def report(rows: dict[str, dict[str, float]], args: argparse.Namespace, seconds:
         print(f"{top1} | {cos} | {rtn['imagenet_nn_agree']:>7.0f}{qe['imagenet_nn_agree']:>9.0f}")
         lines.append([f"W{b}A{b}", flt["top1"], rtn["top1"], qe["top1"], rtn["imagenet_cos"], qe["imagenet_cos"],
                       rtn["imagenet_nn_agree"], qe["imagenet_nn_agree"], setting])  # fmt: skip
-    RESULTS.mkdir(exist_ok=True)
-    name = "vit_dinov2.csv"
-    with open(RESULTS / name, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["bits", "float_top1", "rtn_top1", "quept_top1", "rtn_imagenet_cos", "quept_imagenet_cos",
-                         "rtn_imagenet_nn_agree", "quept_imagenet_nn_agree", "setting"])  # fmt: skip
-        writer.writerows(lines)
-    print(f"wrote {RESULTS / name}")
+    header = ["bits", "float_top1", "rtn_top1", "quept_top1", "rtn_imagenet_cos", "quept_imagenet_cos",
+              "rtn_imagenet_nn_agree", "quept_imagenet_nn_agree", "setting"]  # fmt: skip
+    plot = common.Plot("bits", ["rtn_top1", "quept_top1"], ylabel="linear-probe top-1 (%)", reference={"float":
+                       flt["top1"]}, title="DINOv2-small, Fashion-MNIST linear probe")  # fmt: skip
+    common.write_results("vit_dinov2", [dict(zip(header, line, strict=True)) for line in lines], plot)
 
 
 if __name__ == "__main__":

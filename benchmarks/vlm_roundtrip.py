@@ -8,26 +8,24 @@ LLaVA-OneVision, Qwen2-VL — runs as a tiny randomly initialised model (tests/t
 processor pipeline (image processor + tokenizer + image placeholders). Per class and bit-width: the
 calibration loss proxy (mean |logits - float logits|), the greedy continuation, and whether the model saved with
 ``save_pretrained`` and reloaded with ``from_pretrained`` produces bit-identical logits and tokens.
-Prints the table and writes benchmarks/results/vlm_roundtrip.csv.
+Prints the table and writes benchmarks/results/vlm_roundtrip.csv (and .png).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import _common as common
 import torch
 
 import quept_hf  # noqa: F401  (registers quantization method "quept")
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
-sys.path.insert(0, str(HERE.parent / "tests"))
-import tiny_models  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import tiny_models
 
 CLASSES = ("llava", "llava_onevision", "qwen2_vl")
 BITS = [2, 3, 4, 5, 6, 7, 8]
@@ -75,10 +73,7 @@ def roundtrip(name: str, args: argparse.Namespace, folder: Path) -> list[list]:
 
 
 def main() -> None:
-    args = parse_args()
-    if args.quick:
-        args.epochs = 1
-    torch.set_num_threads(1)
+    args = common.setup(parse_args(), dict(epochs=1), threads=1, seed=None)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in CLASSES:
@@ -88,12 +83,9 @@ def main() -> None:
     print(f"{'class':<42}{'bits':>5}{'calib s':>9}{'|logit err|':>13}  {'greedy tokens':<28}{'reload identical':>17}")
     for cls, b, seconds, error, tokens, same in rows:
         print(f"{cls:<42}{b:>5}{seconds:>9}{error:>13}  {tokens!s:<28}{same!s:>17}")
-    RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / "vlm_roundtrip.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["class", "bits", "calibration_s", "mean_abs_logit_error", "greedy_tokens", "reload_identical"])
-        writer.writerows(rows)
-    print(f"wrote {RESULTS / 'vlm_roundtrip.csv'}")
+    header = ["class", "bits", "calibration_s", "mean_abs_logit_error", "greedy_tokens", "reload_identical"]
+    plot = common.Plot("bits", "mean_abs_logit_error", series="class", log=True, title=f"tiny VLMs, {vision}")
+    common.write_results("vlm_roundtrip", [dict(zip(header, row, strict=True)) for row in rows], plot)
     if not all(row[-1] for row in rows):
         raise SystemExit("a reloaded model differs from the saved one")
 

@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEFAULT_OUT = Path(os.environ.get("QUEPT_HF_CACHE", Path.home() / ".cache" / "quept_hf")) / "dinov2-small"
+from quept_hf.assets import default_cache_dir
+
+DEFAULT_OUT = Path(default_cache_dir()) / "dinov2-small"
 FINAL_NORM = "/backbone/layernorm/Add_1_output_0"
 RENAME = {
     "attention.attention.query": "attention.q_proj",
