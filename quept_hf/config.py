@@ -84,11 +84,11 @@ class QuEPTConfig(QuantizationConfigMixin):
         cascade_training: ``"owned"`` (default: each slice learns from its own group's loss only; the higher
             groups' slices are used but not pulled towards low-bit errors, which keeps high bit-widths at least as
             good as round-to-nearest) or ``"joint"`` (every group's loss trains every slice its delta uses).
-        lr_scaling: ``"none"`` (default: every group learns at ``lr_lora`` / ``lr_clip``) or ``"step"``: the slice
-            of a bit group and the clipping logits of a bit-width learn at the lr times ``step(b) / step(b_min)``,
-            ``step(b) = 1 / (2**b - 1)`` the quantization grid step relative to the range, so an Adam update moves
-            every bit-width by the same fraction of ITS grid step (one lr otherwise rewrites 8-bit weights by many
-            grid steps and overfits the calibration data).
+        lr_scaling: ``"step"`` (default): the slice of a bit group and the clipping logits of a bit-width learn
+            at the lr times ``step(b) / step(b_min)``, ``step(b) = 1 / (2**b - 1)`` the quantization grid step
+            relative to the range, so an Adam update moves every bit-width by the same fraction of ITS grid step;
+            ``"none"``: one ``lr_lora`` / ``lr_clip`` for all (the spec; it rewrites 8-bit weights by many grid
+            steps and made 5..8 bits worse than round-to-nearest in our measurements, see docs/RESULTS.md).
         calibrated: set by quept_hf once calibration has run (``False`` for a fresh model).
         packed: set by `quept_hf.export` only: the checkpoint holds packed integer weights frozen at one
             bit-width or plan, ``{"format": "quept-packed", "version": 1, "source": "w3", "bits": {module: b},
@@ -140,7 +140,7 @@ class QuEPTConfig(QuantizationConfigMixin):
         token_merge: str = "mbtome",
         cascade: bool = True,
         cascade_training: str = "owned",
-        lr_scaling: str = "none",
+        lr_scaling: str = "step",
         checkpoint_dir: str | None = None,
         dataset_description: str | None = None,
         calibrated: bool = False,

@@ -562,9 +562,9 @@ def test_unsupported_architecture_is_refused(tmp_path):
         {"token_merge": "uniform", "loss": "mse"},
         {"token_merge": "none"},
         {"token_merge": "separate"},
-        {"lr_scaling": "step"},
+        {"lr_scaling": "none"},
     ],
-    ids=["single-bit", "independent", "uniform-merge-mse", "no-merge", "separate-streams", "step-scaled-lr"],
+    ids=["single-bit", "independent", "uniform-merge-mse", "no-merge", "separate-streams", "one-lr"],
 )
 def test_ablation_switches_run(tiny_llama_dir, setting, monkeypatch):
     modes, losses = [], set()
