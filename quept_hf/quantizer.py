@@ -119,10 +119,10 @@ class QuEPTHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs):
         config = self.quantization_config
-        model.config.quantization_config = config  # the model's own clone, not the object the user passed
         from .calibration.rotation import resolve_transforms
 
         resolve_transforms(model, config, fresh=not self.pre_quantized)  # rotation/smoothing: None -> bool
+        model.config.quantization_config = config  # the model's own clone, not the object the user passed
         if config.is_packed:
             swapped = replace_packed_linears(model, config)
             # Pinned layers (ViT patch embedding / head at 8 bits) keep float weights and fake-quantize as in

@@ -249,7 +249,8 @@ def test_every_smoothing_fold_keeps_the_float_model(family):
     assert max_diff(logits(model), reference) <= ATOL * reference.abs().max().item()
 
 
-def test_smoothing_search_lowers_the_lowest_bit_error():
+@pytest.mark.parametrize("scored", [[2], [2, 4]])
+def test_smoothing_search_lowers_the_error_of_every_scored_bit_width(scored):
     model = quantized(tiny_llama(), smoothing=False)
     block = architecture_for(model).blocks(model)[0]
     run, x = _block_run(block, model)
@@ -257,20 +258,26 @@ def test_smoothing_search_lowers_the_lowest_bit_error():
     with torch.no_grad():
         target = run(x)
 
-    def w2_error() -> float:
+    def error(bits: int) -> float:
         with torch.no_grad():
-            set_bits(model, 2)
-            error = (run(x) - target).pow(2).mean().item()
+            set_bits(model, bits)
+            value = (run(x) - target).pow(2).mean().item()
             set_bits(model, 16)
-            return error
+            return value
 
-    before = w2_error()
-    alphas = smoothing.smooth_block(block, run, x, architecture_for(model).layout, 2, 2, torch.device("cpu"), grid=5)
+    before = {b: error(b) for b in scored}
+    layout = architecture_for(model).layout
+    alphas = smoothing.smooth_block(block, run, x, layout, scored, 2, torch.device("cpu"), grid=5)
     assert set(alphas) == {"attention input", "value -> output", "MLP input", "up -> down"}
     assert any(a > 0 for a in alphas.values())
     with torch.no_grad():
         assert max_diff(run(x), target) <= ATOL * target.abs().max().item()  # float unchanged
-    assert w2_error() < before
+    assert all(error(b) < before[b] for b in scored), {b: (before[b], error(b)) for b in scored}
+
+
+def test_search_bits_are_the_lowest_of_each_granularity():
+    assert smoothing.search_bits([2, 3, 4, 5, 6, 7, 8], {2: 128, 3: 128, **dict.fromkeys(range(4, 9), -1)}) == [2, 4]
+    assert smoothing.search_bits([4, 8], {4: 32, 8: 32}) == [4]
 
 
 def test_smoothing_skips_the_rotated_down_proj():

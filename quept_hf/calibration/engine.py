@@ -29,7 +29,7 @@ from .capture import capture_block_kwargs, capture_first_block_inputs, to_device
 from .checkpoint import BlockCheckpoints
 from .data import describe, text_windows
 from .mbtome import merge_tokens
-from .smoothing import smooth_block
+from .smoothing import search_bits, smooth_block
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +236,8 @@ def _prepare_block(
     """
     if _smoothing_on(settings, arch):
         with torch.no_grad():
-            smooth_block(block.module, block, x_fp, arch.layout, min(settings.bits), settings.batch_size, device)
+            bits = search_bits(settings.bits, settings.group_size)
+            smooth_block(block.module, block, x_fp, arch.layout, bits, settings.batch_size, device)
     n = min(len(x_fp), STATS_SAMPLES)
     if arch.norm_folds:
         measure = lambda: _forward_all(block, x_fp[:n], FLOAT_BITS, settings.batch_size, device)  # noqa: E731

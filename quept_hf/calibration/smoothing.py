@@ -21,11 +21,13 @@ A pair is skipped when its readers are not quantized, or when the reader has an 
 (down_proj under rotation: ``x / s`` would have to pass through the Hadamard transform).
 
 Objective: the error of the BLOCK's output against the float block output (mean squared error, as AWQ), with
-only the pair's readers quantized, at the LOWEST bit-width of the config. Why the lowest and not a weighted
-sum over the bit groups: the weight-quantization error roughly doubles per bit removed, so any sum over groups
-is dominated by the lowest width anyway, at G times the cost; higher widths are nearly lossless whatever the
-scale, and the per-bit clipping and MB-CLoRA trained right after adapt each width to the chosen scales.
-``alpha = 0`` (no scaling) is on the grid, so the chosen scales never do worse than none on the search data.
+only the pair's readers quantized, at the lowest bit-width of each quantization granularity (`search_bits`:
+W2 in groups of 128 and W4 per channel by default). An ``alpha`` scores the WORST ratio of its error to the
+unscaled error over those widths: scaling columns refines grouped low-bit grids but coarsens per-channel ones
+(a scaled-up column widens its whole row), and scored at W2 alone the chosen scales made 4..8 bits worse than
+no smoothing on SmolLM2. ``alpha = 0`` (score 1) is on the grid, so a scale is applied only where it lowers the
+error of every scored width on the search data; the per-bit clipping and MB-CLoRA trained right after adapt
+each width to the chosen scales.
 
 Only weights are quantized during the search (AWQ is a weight-only method): in weight_activation mode the
 scales are searched for the weights' sake alone. Activation statistics come from every calibration sample;
@@ -164,16 +166,35 @@ def _error(run: BlockRun, x: torch.Tensor, y: torch.Tensor, batch_size: int, dev
 
 
 @torch.no_grad()
-def _search(pair: _Pair, stats: torch.Tensor, run: BlockRun, x, y, bits: int, batch_size: int, device, grid: int):
-    """Best ``alpha``, its writer-space scale (``None`` when no scaling wins) and the errors without / with it."""
+def _search(pair: _Pair, stats: torch.Tensor, run: BlockRun, x, y, bits: list[int], batch_size: int, device, grid: int):
+    """Best ``alpha``, its writer-space scale (``None`` when no scaling wins) and its score.
+
+    Score of an ``alpha``: the WORST ratio, over ``bits``, of the block error with that scale to the error with
+    none, so a scale is kept only where it helps every scored bit-width (``alpha = 0`` scores 1).
+    """
     layers = _quantized(pair)
-    errors = {}
+    errors: dict[float, list[float]] = {}
     for alpha in [i / grid for i in range(grid)]:
         reader_s = pair.to_reader(_scale(stats, alpha))
-        with _weights(layers, [_quantized_weight(layer, reader_s, bits) for layer in layers]):
-            errors[alpha] = _error(run, x, y, batch_size, device)
-    alpha = min(errors, key=errors.get)
-    return alpha, (_scale(stats, alpha) if alpha > 0 else None), errors[0.0], errors[alpha]
+        errors[alpha] = []
+        for b in bits:
+            with _weights(layers, [_quantized_weight(layer, reader_s, b) for layer in layers]):
+                errors[alpha].append(_error(run, x, y, batch_size, device))
+    score = {a: max(e / max(e0, 1e-30) for e, e0 in zip(errs, errors[0.0], strict=True)) for a, errs in errors.items()}
+    alpha = min(score, key=score.get)
+    return alpha, (_scale(stats, alpha) if alpha > 0 else None), score[alpha]
+
+
+def search_bits(bits: list[int], group_size: dict[int, int]) -> list[int]:
+    """The lowest bit-width of each quantization granularity (default: W2 in groups of 128, W4 per channel).
+
+    Scaling columns helps grouped low-bit weights but can coarsen a per-channel grid (a scaled-up column raises
+    the whole row's range), so a scale must not hurt the hardest width of either kind.
+    """
+    lowest: dict[int, int] = {}
+    for b in sorted(bits):
+        lowest.setdefault(group_size[b], b)
+    return sorted(lowest.values())
 
 
 @torch.no_grad()
@@ -192,7 +213,7 @@ def smooth_block(
     run: BlockRun,
     inputs: torch.Tensor,
     layout: DecoderLayout,
-    bits: int,
+    bits: list[int],
     batch_size: int,
     device: torch.device,
     grid: int = GRID,
@@ -204,7 +225,7 @@ def smooth_block(
         block: the decoder block (its weights on ``device``).
         run: the block's forward on one batch of hidden states (the engine supplies masks and rotary tables).
         inputs: the block's float inputs (CPU), ``(samples, tokens, hidden)``.
-        bits: the bit-width the search quantizes at (the engine passes the lowest).
+        bits: the bit-widths the search scores (`search_bits`: the lowest of each quantization granularity).
     """
     pairs = _pairs(block, layout)
     if not pairs:
@@ -215,9 +236,9 @@ def smooth_block(
         y = torch.cat([run(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
         all_stats = _input_absmean(pairs, run, inputs, batch_size, device)
         for pair, stats in zip(pairs, all_stats, strict=True):
-            alpha, s, before, after = _search(pair, stats, run, x, y, bits, batch_size, device, grid)
+            alpha, s, score = _search(pair, stats, run, x, y, bits, batch_size, device, grid)
             if s is not None:
                 _apply(pair, s, layout.norm_offset)
             chosen[pair.name] = alpha
-            logger.debug("smoothing %s: alpha %.2f, W%d block MSE %.3g -> %.3g", pair.name, alpha, bits, before, after)
+            logger.debug("smoothing %s: alpha %.2f, worst block MSE ratio over W%s %.3f", pair.name, alpha, bits, score)
     return chosen
