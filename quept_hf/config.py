@@ -78,9 +78,11 @@ class QuEPTConfig(QuantizationConfigMixin):
             the inputs of every linear layer and leaves the attention matmuls in float.
         num_samples, seq_len, epochs, batch_size, lr_lora, lr_clip, loss, top_p, merge_weights,
         token_merge, cascade, checkpoint_dir: calibration settings (spec sections 2-4). ``token_merge`` builds the
-            next block's quantized inputs: ``"mbtome"`` (spec section 4), ``"uniform"`` (weighted mix), ``"none"``
-            (the highest group's output) or ``"separate"`` (each bit group keeps its own input stream, i.e. trains
-            on the inputs it meets at inference; same cost, one activation cache per group).
+            next block's quantized inputs: ``"separate"`` (default: each bit group keeps its own input stream,
+            i.e. trains on the inputs it meets at inference; same cost, one activation cache per group),
+            ``"mbtome"`` (the spec's MB-ToMe, section 4: one input for all groups, merged per token; measured
+            6.6x worse W2 perplexity on SmolLM2, equal at 3..8 bits, see docs/RESULTS.md), ``"uniform"``
+            (weighted mix) or ``"none"`` (the highest group's output).
         cascade_training: ``"owned"`` (default: each slice learns from its own group's loss only; the higher
             groups' slices are used but not pulled towards low-bit errors, which keeps high bit-widths at least as
             good as round-to-nearest) or ``"joint"`` (every group's loss trains every slice its delta uses).
@@ -137,7 +139,7 @@ class QuEPTConfig(QuantizationConfigMixin):
         loss: str = "l1",
         top_p: float = 0.5,
         merge_weights: list[float] | None = None,
-        token_merge: str = "mbtome",
+        token_merge: str = "separate",
         cascade: bool = True,
         cascade_training: str = "owned",
         lr_scaling: str = "step",
