@@ -32,6 +32,7 @@ def parse_args():
     parser.add_argument("--cascade-training", default=None, choices=CASCADE_TRAINING, help="default: QuEPTConfig's")
     parser.add_argument("--lr-scaling", default=None, choices=LR_SCALING, help="default: QuEPTConfig's")
     parser.add_argument("--cascade", default=None, choices=["on", "off"], help="off: independent adapters per group")
+    parser.add_argument("--smoothing", default=None, choices=["on", "off"], help="default: QuEPTConfig's (mode's)")
     parser.add_argument("--bits", type=int, default=None, help="single-bit calibration at this bit-width (ablation)")
     parser.add_argument("--skip-rtn", action="store_true", help="leave round-to-nearest out (NaN) unless cached")
     parser.add_argument("--batch-size", type=int, default=2)
@@ -80,6 +81,8 @@ def main() -> None:
     structure = {"bits": [args.bits], "bit_groups": [[args.bits]]} if args.bits else {}
     if args.cascade:
         structure["cascade"] = args.cascade == "on"
+    if args.smoothing:
+        structure["smoothing"] = args.smoothing == "on"
     config = quept_hf.QuEPTConfig(mode=args.mode, num_samples=args.num_samples, seq_len=args.seq_len, **structure)
     config.ranks = [args.rank] * len(config.bit_groups)
     model = smol.load(config)
