@@ -31,6 +31,7 @@ TOKEN_MERGE_MODES = ("mbtome", "none", "uniform", "separate")
 LOSSES = ("l1", "mse")
 CASCADE_TRAINING = ("joint", "owned")
 LR_SCALING = ("none", "step")
+DEFAULT_LR_SCALING = {"weight_only": "step", "weight_activation": "none"}
 
 # Run-time inputs: used by calibration, never serialised into config.json.
 RUNTIME_FIELDS = ("dataset", "tokenizer", "image_processor", "processor")
@@ -86,11 +87,13 @@ class QuEPTConfig(QuantizationConfigMixin):
         cascade_training: ``"owned"`` (default: each slice learns from its own group's loss only; the higher
             groups' slices are used but not pulled towards low-bit errors, which keeps high bit-widths at least as
             good as round-to-nearest) or ``"joint"`` (every group's loss trains every slice its delta uses).
-        lr_scaling: ``"step"`` (default): the slice of a bit group and the clipping logits of a bit-width learn
-            at the lr times ``step(b) / step(b_min)``, ``step(b) = 1 / (2**b - 1)`` the quantization grid step
-            relative to the range, so an Adam update moves every bit-width by the same fraction of ITS grid step;
-            ``"none"``: one ``lr_lora`` / ``lr_clip`` for all (the spec; it rewrites 8-bit weights by many grid
-            steps and made 5..8 bits worse than round-to-nearest in our measurements, see docs/RESULTS.md).
+        lr_scaling: ``"step"``: the slice of a bit group and the clipping logits of a bit-width learn at the lr
+            times ``step(b) / step(b_min)``, ``step(b) = 1 / (2**b - 1)`` the weight grid step relative to the
+            range, so an Adam update moves every bit-width by the same fraction of ITS grid step; ``"none"``: one
+            ``lr_lora`` / ``lr_clip`` for all (the spec). ``None`` (default): ``"step"`` in weight_only mode (one
+            lr rewrites 8-bit weights by many grid steps: 5..8 bits fell below round-to-nearest on MiniLM),
+            ``"none"`` in weight_activation mode (there activation error dominates the high bit-widths and the
+            scaled rates under-train them: DINOv2 W5A5..W8A8 gained less; see docs/RESULTS.md).
         calibrated: set by quept_hf once calibration has run (``False`` for a fresh model).
         packed: set by `quept_hf.export` only: the checkpoint holds packed integer weights frozen at one
             bit-width or plan, ``{"format": "quept-packed", "version": 1, "source": "w3", "bits": {module: b},
@@ -142,7 +145,7 @@ class QuEPTConfig(QuantizationConfigMixin):
         token_merge: str = "separate",
         cascade: bool = True,
         cascade_training: str = "owned",
-        lr_scaling: str = "step",
+        lr_scaling: str | None = None,
         checkpoint_dir: str | None = None,
         dataset_description: str | None = None,
         calibrated: bool = False,
@@ -191,7 +194,7 @@ class QuEPTConfig(QuantizationConfigMixin):
         self.token_merge = token_merge
         self.cascade = bool(cascade)
         self.cascade_training = cascade_training
-        self.lr_scaling = lr_scaling
+        self.lr_scaling = lr_scaling if lr_scaling is not None else DEFAULT_LR_SCALING.get(mode, "step")
         self.checkpoint_dir = checkpoint_dir
         self.dataset_description = dataset_description
         self.calibrated = bool(calibrated)
