@@ -1,6 +1,6 @@
 """Demo: make SmolLM2-135M elastic with QuEPT, calibrate it ONCE, and switch between 2..8 bits.
 
-    python examples/demo.py [--epochs 1] [--num-samples 16] [--windows 8] [--out demo-output/smollm2-quept]
+    python examples/demo.py [--epochs 1] [--num-samples 16] [--windows 4] [--out demo-output/smollm2-quept]
 
 1. ``AutoModelForCausalLM.from_pretrained(..., quantization_config=QuEPTConfig(mode="weight_only"))``;
 2. held-out perplexity at every bit-width with round-to-nearest (the same quantizer, before calibration);
@@ -29,7 +29,7 @@ FLOAT_BITS = 16
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--windows", type=int, default=8, help="evaluation windows per bit-width (default 8)")
+    parser.add_argument("--windows", type=int, default=4, help="evaluation windows per bit-width (default 4)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     parser.add_argument("--bits", type=int, nargs="+", default=list(range(2, 9)), help="bit-widths (2..8)")
