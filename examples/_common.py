@@ -41,6 +41,15 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return result
 
 
+def smollm2_calibration_options(cli: argparse.ArgumentParser) -> None:
+    """The calibration and evaluation options of the SmolLM2 examples (same defaults in each)."""
+    cli.add_argument("--num-samples", type=int, default=32, help="calibration windows (default 32)")
+    cli.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
+    cli.add_argument("--epochs", type=int, default=2, help="calibration epochs (default 2)")
+    cli.add_argument("--rank", type=int, default=16, help="MB-CLoRA rank each bit group adds (default 16)")
+    cli.add_argument("--windows", type=int, default=8, help="held-out 512-token windows per bit-width (default 8)")
+
+
 def setup(cli: argparse.ArgumentParser, quick: dict | None = None) -> argparse.Namespace:
     """Parse the command line; with ``--quick``, ``quick`` (``{option: value}``) replaces the options left at
     their defaults (``--quick --epochs 3`` keeps 3 epochs). Sets torch's threads and seed."""

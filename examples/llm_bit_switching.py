@@ -30,11 +30,7 @@ BITS = [2, 3, 4, 5, 6, 7, 8]
 
 def main() -> None:
     cli = _common.parser(__doc__)
-    cli.add_argument("--num-samples", type=int, default=32, help="calibration windows (default 32)")
-    cli.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
-    cli.add_argument("--epochs", type=int, default=2, help="calibration epochs (default 2)")
-    cli.add_argument("--rank", type=int, default=16, help="MB-CLoRA rank each bit group adds (default 16)")
-    cli.add_argument("--windows", type=int, default=8, help="held-out 512-token windows per bit-width (default 8)")
+    _common.smollm2_calibration_options(cli)
     cli.add_argument("--generate", type=int, nargs=2, default=[3, 8], help="the two bit-widths that answer")
     cli.add_argument(
         "--no-smoothing", dest="smoothing", action="store_false", help="skip the AWQ-style scale search per block"

@@ -32,11 +32,7 @@ def kv_bits(text: str) -> int | str:
 
 def main() -> None:
     cli = _common.parser(__doc__)
-    cli.add_argument("--num-samples", type=int, default=32, help="calibration windows (default 32)")
-    cli.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
-    cli.add_argument("--epochs", type=int, default=2, help="calibration epochs (default 2)")
-    cli.add_argument("--rank", type=int, default=16, help="MB-CLoRA rank each bit group adds (default 16)")
-    cli.add_argument("--windows", type=int, default=8, help="held-out 512-token windows per bit-width (default 8)")
+    _common.smollm2_calibration_options(cli)
     cli.add_argument("--kv-bits", type=kv_bits, default=None, help="KV-cache bits: 2..8 or 'follow' (default off)")
     cli.add_argument("--no-rotation", dest="rotation", action="store_false", help="no Hadamard rotation")
     args = _common.setup(cli, {"num_samples": 4, "seq_len": 128, "epochs": 1, "rank": 8, "windows": 2})

@@ -39,13 +39,7 @@ ADAPTERS = [*(f"w{b}" for b in BITS), PLAN]
 WEIGHT_FILES = {"config.json", "model.safetensors", "adapter_config.json", "adapter_model.safetensors"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is faster on a shared 2-core machine, and bit-reproducible."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load_quept(folder: str) -> torch.nn.Module:

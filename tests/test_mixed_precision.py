@@ -30,13 +30,7 @@ DOWN = "model.layers.1.mlp.down_proj"
 UP = "model.layers.0.mlp.up_proj"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: one thread avoids OpenMP spin-waits (10x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------- helpers
