@@ -13,9 +13,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import csv
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from quept_hf import assets, evaluation
+from quept_hf.atomic import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -110,10 +109,14 @@ def write_results(name: str | Path, rows: Sequence[dict], plot: Plot | None = No
     fields = list(fields or dict.fromkeys(key for row in rows for key in row))
     path = name if isinstance(name, Path) else RESULTS / f"{name}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write_csv)
     written = [path]
     if plot is not None:
         try:
@@ -121,24 +124,10 @@ def write_results(name: str | Path, rows: Sequence[dict], plot: Plot | None = No
         except ImportError as error:  # matplotlib is a dev / hub extra
             print(f"no plot ({error}); pip install matplotlib")
         else:
-            with _atomic(path.with_suffix(".png"), "wb") as handle:
-                figure.savefig(handle, format="png", dpi=120)
+            atomic_write(path.with_suffix(".png"), lambda tmp: figure.savefig(tmp, format="png", dpi=120))
             written.append(path.with_suffix(".png"))
     print("wrote " + ", ".join(str(p) for p in written), flush=True)
     return path
-
-
-@contextmanager
-def _atomic(path: Path, mode: str, **kwargs) -> Iterator:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **kwargs) as handle:
-            yield handle
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _number(value) -> float | None:

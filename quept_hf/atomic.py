@@ -18,6 +18,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the result should be readable like any file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
