@@ -48,7 +48,7 @@ from torch import nn
 
 from .calibration.engine import SETTINGS as CALIBRATION_SETTINGS
 from .config import FLOAT_BITS, QuEPTConfig
-from .mbclora.config import MBCLORA, MBCLoRAConfig, adapter_name_for_bits
+from .mbclora.config import BITS_ADAPTER, MBCLORA, MBCLoRAConfig, adapter_name_for_bits
 from .mbclora.layer import MBCLoRALayer
 from .mbclora.model import check_slices_loaded
 from .quantizer import quept_linears
@@ -79,7 +79,6 @@ CALIBRATION_FIELDS = tuple(name for name in CALIBRATION_SETTINGS if name != "che
 LOWER_IS_BETTER = ("perplexity", "ppl", "loss", "error", "wer", "cer", "nll")
 BASE_TAGS = ("quept", "quantization", "elastic-precision", "mbclora")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-_BIT_NAME = re.compile(r"w\d+")  # adapter name of a uniform bit-width
 
 
 # ------------------------------------------------------------------------------------------------- install
@@ -401,7 +400,7 @@ def measure_perplexity(
 
     config = quept_config(model)
     names = list(adapters) if adapters is not None else [*(f"w{b}" for b in config.bits), *config.plans, FLOAT_NAME]
-    keys = {n: FLOAT_BITS if n == FLOAT_NAME else int(n[1:]) if _BIT_NAME.fullmatch(n) else n for n in names}
+    keys = {n: FLOAT_BITS if n == FLOAT_NAME else int(n[1:]) if BITS_ADAPTER.match(n) else n for n in names}
     scores = per_bit(model, lambda m: perplexity(m, texts, tokenizer, **perplexity_kwargs), list(keys.values()))
     results = {name: scores[key] for name, key in keys.items()}
     return record_evaluation(model, results, "perplexity", dataset=dataset, lower_is_better=True)

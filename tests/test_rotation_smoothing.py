@@ -275,9 +275,23 @@ def test_smoothing_search_lowers_the_error_of_every_scored_bit_width(scored):
     assert all(error(b) < before[b] for b in scored), {b: (before[b], error(b)) for b in scored}
 
 
-def test_search_bits_are_the_lowest_of_each_granularity():
-    assert smoothing.search_bits([2, 3, 4, 5, 6, 7, 8], {2: 128, 3: 128, **dict.fromkeys(range(4, 9), -1)}) == [2, 4]
-    assert smoothing.search_bits([4, 8], {4: 32, 8: 32}) == [4]
+def test_search_bits_are_the_lowest_of_each_granularity_and_the_highest():
+    sizes = {2: 128, 3: 128, **dict.fromkeys(range(4, 9), -1)}
+    assert smoothing.search_bits([2, 3, 4, 5, 6, 7, 8], sizes) == [2, 4, 8]
+    assert smoothing.search_bits([4, 8], {4: 32, 8: 32}) == [4, 8]
+    assert smoothing.search_bits([3], {3: 128}) == [3]
+
+
+@pytest.mark.parametrize("optimum", [0, 7, 8, 19])
+def test_coarse_to_fine_finds_the_exhaustive_optimum_of_a_unimodal_score_with_half_the_evaluations(optimum):
+    evaluated = set()
+
+    def score(index: int) -> float:
+        evaluated.add(index)
+        return (index - optimum) ** 2
+
+    assert smoothing.coarse_to_fine(score, 20) == optimum
+    assert len(evaluated) <= 12
 
 
 def test_smoothing_skips_the_rotated_down_proj():
