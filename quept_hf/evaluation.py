@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm  # honours transformers.logging.disable_progress_bar()
 
 from .nn import FLOAT_BITS
 from .switch import get_bits, mbclora_layers, quept_config, set_bits

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm  # honours transformers.logging.disable_progress_bar()
 
 from .calibration.capture import to_device
 from .calibration.data import text_windows

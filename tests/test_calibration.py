@@ -581,3 +581,18 @@ def test_ablation_switches_run(tiny_llama_dir, setting, monkeypatch):
         assert len(layer.cascade_slices(b)[0]) == (position + 1 if quant.cascade else 1)
     logits = logits_at(model, calibration_ids(2, 16, seed=9), bits)
     assert all(torch.isfinite(v).all() for v in logits.values())
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_progress_bars_follow_transformers_logging(tiny_llama_dir, enabled, capsys, monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    model = load(tiny_llama_dir, bits=[4, 8], bit_groups=[[4], [8]], ranks=[2, 2], num_samples=4, epochs=1)
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        calibrate(model, calibration_ids(rows=4))
+    finally:
+        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
+    assert ("QuEPT calibration" in capsys.readouterr().err) == enabled

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm  # honours transformers.logging.disable_progress_bar()
 
 from ..config import QuEPTConfig
 from ..mbclora import MBCLoRAConfig, MBCLoRALayer, adapter_name_for_bits
