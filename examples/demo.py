@@ -1,6 +1,6 @@
 """Demo: make SmolLM2-135M elastic with QuEPT, calibrate it ONCE, and switch between 2..8 bits.
 
-    python examples/demo.py [--epochs 1] [--num-samples 16] [--windows 4] [--out demo-output/smollm2-quept]
+    python examples/demo.py [--epochs 1] [--num-samples 16] [--windows 4] [--smoothing off|on] [--out DIR]
 
 1. ``AutoModelForCausalLM.from_pretrained(..., quantization_config=QuEPTConfig(mode="weight_only"))``;
 2. held-out perplexity at every bit-width with round-to-nearest (the same quantizer, before calibration);
@@ -37,6 +37,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window (default 256)")
     parser.add_argument("--epochs", type=int, default=1, help="calibration epochs (default 1: a short schedule)")
     parser.add_argument("--rank", type=int, default=16, help="MB-CLoRA rank each bit group adds (default 16)")
+    parser.add_argument(
+        "--smoothing",
+        choices=["on", "off"],
+        default="off",
+        help="AWQ-style scale search before each block (the library's weight-only default; default here: off, "
+        "because its search costs three times one epoch of training and the demo aims at 10 minutes)",
+    )
     parser.add_argument("--out", default="demo-output/smollm2-135m-quept", help="where to save the elastic model")
     return parser.parse_args(argv)
 
@@ -78,7 +85,9 @@ def _label(bits: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.manual_seed(0)
-    config = quept_hf.QuEPTConfig(mode="weight_only", bits=args.bits, num_samples=args.num_samples)
+    config = quept_hf.QuEPTConfig(
+        mode="weight_only", bits=args.bits, num_samples=args.num_samples, smoothing=args.smoothing == "on"
+    )
     config.ranks = [args.rank] * len(config.bit_groups)
     print(f"Loading SmolLM2-135M as an elastic QuEPT model (bits {config.bits}) ...", flush=True)
     model, tokenizer = load_elastic(config)

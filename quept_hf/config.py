@@ -87,9 +87,10 @@ class QuEPTConfig(QuantizationConfigMixin):
         cascade_training: ``"owned"`` (default: each slice learns from its own group's loss only; the higher
             groups' slices are used but not pulled towards low-bit errors, which keeps high bit-widths at least as
             good as round-to-nearest) or ``"joint"`` (every group's loss trains every slice its delta uses).
-        lr_scaling: ``"step"``: the slice of a bit group and the clipping logits of a bit-width learn at the lr
-            times ``step(b) / step(b_min)``, ``step(b) = 1 / (2**b - 1)`` the weight grid step relative to the
-            range, so an Adam update moves every bit-width by the same fraction of ITS grid step; ``"none"``: one
+        lr_scaling: ``"step"``: the MB-CLoRA slice of a bit group learns at ``lr_lora`` times
+            ``step(b) / step(b_min)``, ``step(b) = 1 / (2**b - 1)`` the weight grid step relative to the range,
+            so an Adam update moves every bit-width by the same fraction of ITS grid step (clipping logits keep
+            ``lr_clip``: their steps are already a fraction of an 8-bit grid step); ``"none"``: one
             ``lr_lora`` / ``lr_clip`` for all (the spec). ``None`` (default): ``"step"`` in weight_only mode (one
             lr rewrites 8-bit weights by many grid steps: 5..8 bits fell below round-to-nearest on MiniLM),
             ``"none"`` in weight_activation mode (there activation error dominates the high bit-widths and the
