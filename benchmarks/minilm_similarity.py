@@ -39,8 +39,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--rank", type=int, default=16, help="rank each bit group adds to the cascade")
     parser.add_argument("--lr-lora", type=float, default=None, help="default: the spec's LLaMA value per mode")
-    parser.add_argument("--lr-scaling", default="none", choices=LR_SCALING)
-    parser.add_argument("--token-merge", default="mbtome", choices=TOKEN_MERGE_MODES)
+    parser.add_argument("--lr-scaling", default=None, choices=LR_SCALING, help="default: QuEPTConfig's")
+    parser.add_argument("--token-merge", default=None, choices=TOKEN_MERGE_MODES, help="default: QuEPTConfig's")
     parser.add_argument("--tag", default="", help="suffix of the result files (keeps ablation runs apart)")
     return parser.parse_args()
 
@@ -102,10 +102,12 @@ def run_mode(mode: str, args, tokenizer, calib_texts, eval_sentences, reference,
         quept_hf.set_bits(model, b)
         rtn[b] = compare(embed(model, tokenizer, eval_sentences), reference)
     print(f"{mode}: RTN measured ({time.time() - start:.0f}s)", flush=True)
+    given = {"lr_scaling": args.lr_scaling, "token_merge": args.token_merge}
     quept_hf.calibrate(
-        model, calib_texts, tokenizer=tokenizer, epochs=args.epochs, lr_scaling=args.lr_scaling,
-        token_merge=args.token_merge,
-    )  # fmt: skip
+        model, calib_texts, tokenizer=tokenizer, epochs=args.epochs, **{k: v for k, v in given.items() if v is not None}
+    )
+    settings = model.config.quantization_config
+    print(f"{mode}: lr_scaling {settings.lr_scaling}, token_merge {settings.token_merge}", flush=True)
     rows = []
     for b in MODES[mode]:
         quept_hf.set_bits(model, b)
@@ -127,7 +129,8 @@ def main() -> None:
                                                             reference, start)]  # fmt: skip
     setting = (
         f"{len(eval_sentences)} held-out Wikipedia sentences, calib {args.num_samples} x {args.seq_len} tokens, "
-        f"{args.epochs} epochs, rank {args.rank}/group, lr_scaling {args.lr_scaling}, token_merge {args.token_merge}, "
+        f"{args.epochs} epochs, rank {args.rank}/group, lr_scaling / token_merge {args.lr_scaling or 'default'} / "
+        f"{args.token_merge or 'default'}, "
         f"{(time.time() - start) / 60:.1f} min"
     )
     print(f"\nall-MiniLM-L6-v2: cosine(quantized, float) sentence embeddings ({setting})")
