@@ -77,6 +77,12 @@ class SmolLM2:
         return evaluation.perplexity(model, self.eval_texts, self.tokenizer, seq_len=512, max_windows=windows)
 
 
+def given_settings(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The calibration settings ``names`` set on the command line (options named like QuEPTConfig's fields,
+    default None); the ones left out stay QuEPTConfig's defaults."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def smollm2() -> SmolLM2:
     folder = assets.smollm2_float_dir()
     return SmolLM2(folder, AutoTokenizer.from_pretrained(folder), *assets.wikipedia_split())

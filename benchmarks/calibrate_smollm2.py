@@ -43,15 +43,6 @@ def parse_args():
     return parser.parse_args()
 
 
-def overrides(args) -> dict:
-    """Calibration settings given on the command line (the rest stay QuEPTConfig's defaults)."""
-    given = {
-        "token_merge": args.token_merge, "cascade_training": args.cascade_training, "lr_scaling": args.lr_scaling,
-        "lr_lora": args.lr_lora, "lr_clip": args.lr_clip,
-    }  # fmt: skip
-    return {k: v for k, v in given.items() if v is not None}
-
-
 def rtn_perplexities(model, config, windows: int, ppl, skip: bool = False) -> dict[str, float]:
     """Float and round-to-nearest perplexity per bit-width, cached in benchmarks/results (they depend only on the
     quantizer settings and the evaluation windows, not on the calibration settings this script varies)."""
@@ -101,7 +92,7 @@ def main() -> None:
         tokenizer=smol.tokenizer,
         epochs=args.epochs,
         batch_size=args.batch_size,
-        **overrides(args),
+        **common.given_settings(args, "token_merge", "cascade_training", "lr_scaling", "lr_lora", "lr_clip"),
     )
     seconds = time.perf_counter() - start
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

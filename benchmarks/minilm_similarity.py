@@ -102,10 +102,8 @@ def run_mode(mode: str, args, tokenizer, calib_texts, eval_sentences, reference,
         quept_hf.set_bits(model, b)
         rtn[b] = compare(embed(model, tokenizer, eval_sentences), reference)
     print(f"{mode}: RTN measured ({time.time() - start:.0f}s)", flush=True)
-    given = {"lr_scaling": args.lr_scaling, "token_merge": args.token_merge}
-    quept_hf.calibrate(
-        model, calib_texts, tokenizer=tokenizer, epochs=args.epochs, **{k: v for k, v in given.items() if v is not None}
-    )
+    given = common.given_settings(args, "lr_scaling", "token_merge")
+    quept_hf.calibrate(model, calib_texts, tokenizer=tokenizer, epochs=args.epochs, **given)
     settings = model.config.quantization_config
     print(f"{mode}: lr_scaling {settings.lr_scaling}, token_merge {settings.token_merge}", flush=True)
     rows = []

@@ -21,13 +21,13 @@ A pair is skipped when its readers are not quantized, or when the reader has an 
 (down_proj under rotation: ``x / s`` would have to pass through the Hadamard transform).
 
 Objective: the error of the BLOCK's output against the float block output (mean squared error, as AWQ), with
-only the pair's readers quantized, at the lowest bit-width of each quantization granularity (`search_bits`:
-W2 in groups of 128, W4 and W8 per channel by default). An ``alpha`` scores the WORST ratio of its error to the
-unscaled error over those widths: scaling columns refines grouped low-bit grids but coarsens per-channel ones
-(a scaled-up column widens its whole row), and scored at W2 alone the chosen scales made 4..8 bits worse than
-no smoothing on SmolLM2. ``alpha = 0`` (score 1) is on the grid, so a scale is applied only where it lowers the
-error of every scored width on the search data; the per-bit clipping and MB-CLoRA trained right after adapt
-each width to the chosen scales.
+only the pair's readers quantized, at the lowest bit-width of each quantization granularity and at the highest
+(`search_bits`: W2 in groups of 128, W4 and W8 per channel by default). An ``alpha`` scores the WORST ratio of
+its error to the unscaled error over those widths: scaling columns refines grouped low-bit grids but coarsens
+per-channel ones (a scaled-up column widens its whole row); scored at W2 alone the chosen scales made 4..8 bits
+worse than no smoothing on SmolLM2, and scored at W2 + W4 they still cost W8. ``alpha = 0`` (score 1) is on
+the grid, so a scale is applied only where it lowers the error of every scored width on the search data; the
+per-bit clipping and MB-CLoRA trained right after adapt each width to the chosen scales.
 
 Only weights are quantized during the search (AWQ is a weight-only method): in weight_activation mode the
 scales are searched for the weights' sake alone. Activation statistics come from every calibration sample;
@@ -243,7 +243,7 @@ def smooth_block(
         block: the decoder block (its weights on ``device``).
         run: the block's forward on one batch of hidden states (the engine supplies masks and rotary tables).
         inputs: the block's float inputs (CPU), ``(samples, tokens, hidden)``.
-        bits: the bit-widths the search scores (`search_bits`: the lowest of each quantization granularity).
+        bits: the bit-widths the search scores (`search_bits`: the lowest of each granularity, and the highest).
     """
     pairs = _pairs(block, layout)
     if not pairs:
