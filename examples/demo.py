@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["on", "off"],
         default="on",
         help="AWQ-style scale search before each block (the library's weight-only default). It costs about three "
-        "times one epoch of this training; off runs the demo in about half the time and gains little (RESULTS)",
+        "times one epoch of this training; off is faster, but then this one-epoch demo gains little (docs/RESULTS.md)",
     )
     parser.add_argument("--out", default="demo-output/smollm2-135m-quept", help="where to save the elastic model")
     return parser.parse_args(argv)
