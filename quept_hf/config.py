@@ -19,6 +19,8 @@ FLOAT_BITS = 16
 FORMAT_VERSION = 1
 PACKED_FORMAT = "quept-packed"  # `QuEPTConfig.packed["format"]` of a checkpoint written by `quept_hf.export`
 PACKED_VERSION = 1
+FROZEN_FORMAT = "quept-frozen"  # `QuEPTConfig.frozen["format"]` of a checkpoint written by `quept_hf.freeze`
+FROZEN_VERSION = 1
 
 DEFAULT_BIT_GROUPS = {
     "weight_only": [[2], [3, 4], [5, 6], [7, 8]],
@@ -100,6 +102,10 @@ class QuEPTConfig(QuantizationConfigMixin):
             bit-width or plan, ``{"format": "quept-packed", "version": 1, "source": "w3", "bits": {module: b},
             "activation_bits": {module: b}, "per_tensor_activations": [module]}`` (the last two only when
             activations are quantized). ``None``: an elastic checkpoint (float weights + per-bit clipping).
+        frozen: set by `quept_hf.freeze` only: the checkpoint holds, per layer, packed integer codes of every KEPT
+            bit-width (no float weight, no MB-CLoRA factors, no clipping logits) and still switches:
+            ``{"format": "quept-frozen", "version": 1, "bits": {module: [kept bits]}, "per_tensor_activations":
+            [module]}``. Exclusive with ``packed``. ``None``: not a frozen checkpoint.
         plans: mixed-precision plans made by `quept_hf.plan_mixed_precision`, ``{"mixed-3.25": {"avg_bits":
             3.249, "target": 3.25, "weighted": True, "bits": {module: b}}}``; switch with ``set_adapter`` or
             ``set_bits(model, "mixed-3.25")``.
@@ -152,6 +158,7 @@ class QuEPTConfig(QuantizationConfigMixin):
         calibrated: bool = False,
         format_version: int = FORMAT_VERSION,
         packed: dict[str, Any] | None = None,
+        frozen: dict[str, Any] | None = None,
         plans: dict[str, dict[str, Any]] | None = None,
         adapters: dict[str, dict[str, Any]] | None = None,
         evaluation: dict[str, dict[str, Any]] | None = None,
@@ -201,6 +208,7 @@ class QuEPTConfig(QuantizationConfigMixin):
         self.calibrated = bool(calibrated)
         self.format_version = int(format_version)
         self.packed = copy.deepcopy(packed) if packed is not None else None
+        self.frozen = copy.deepcopy(frozen) if frozen is not None else None
         self.plans = copy.deepcopy(plans) if plans is not None else {}
         self.adapters = copy.deepcopy(adapters) if adapters is not None else None
         self.evaluation = copy.deepcopy(evaluation) if evaluation is not None else None
@@ -294,6 +302,7 @@ class QuEPTConfig(QuantizationConfigMixin):
                 f"({len(self.bit_groups)})"
             )
         self._check_packed()
+        self._check_frozen()
         self._check_plans()
         self._check_hub_metadata()
         if self.format_version > FORMAT_VERSION:
@@ -371,6 +380,48 @@ class QuEPTConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"QuEPTConfig.packed['per_tensor_activations'] names modules without activation bits: {unknown[:4]}"
             )
+
+    def _check_frozen(self) -> None:
+        """A frozen checkpoint names, for every frozen module, the bit-widths it keeps codes of (declared ones)."""
+        if self.frozen is None:
+            return
+        frozen = self.frozen
+        if not isinstance(frozen, dict) or frozen.get("format") != FROZEN_FORMAT:
+            raise ValueError(f"QuEPTConfig.frozen must be a dict with format={FROZEN_FORMAT!r}, got {frozen!r}")
+        version = frozen.get("version")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"QuEPTConfig.frozen['version']={version!r} must be a positive integer")
+        if version > FROZEN_VERSION:
+            raise ValueError(
+                f"This frozen checkpoint uses frozen format version {version}, but the installed quept_hf reads up "
+                f"to version {FROZEN_VERSION}: upgrade quept_hf (pip install -U quept-hf)"
+            )
+        if self.packed is not None:
+            raise ValueError("QuEPTConfig.packed and QuEPTConfig.frozen are exclusive: a checkpoint is one kind")
+        widths = frozen.get("bits")
+        if not isinstance(widths, dict) or not widths:
+            raise ValueError(f"QuEPTConfig.frozen['bits'] must map module names to kept bit-widths, got {widths!r}")
+        for name, kept in widths.items():
+            if (
+                not isinstance(kept, list)
+                or not kept
+                or any(isinstance(b, bool) or not isinstance(b, int) or b not in self.bits for b in kept)
+                or kept != sorted(set(kept))
+            ):
+                raise ValueError(
+                    f"QuEPTConfig.frozen['bits'][{name!r}]={kept!r}: expected a sorted list of distinct bit-widths "
+                    f"from bits={self.bits}"
+                )
+        per_tensor = frozen.get("per_tensor_activations", [])
+        if not isinstance(per_tensor, list) or not set(per_tensor) <= set(widths):
+            raise ValueError(
+                f"QuEPTConfig.frozen['per_tensor_activations'] must list frozen modules, got {per_tensor!r}"
+            )
+
+    @property
+    def is_frozen(self) -> bool:
+        """True for a checkpoint of `quept_hf.freeze`: integer codes per kept bit-width, switchable, no float master."""
+        return self.frozen is not None
 
     @property
     def is_packed(self) -> bool:
