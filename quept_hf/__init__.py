@@ -11,7 +11,7 @@ from .config import QuEPTConfig
 from .mbclora import MBCLoRAConfig
 from .mixed_precision import plan_mixed_precision
 from .nn import QuEPTLinear
-from .packing import PackedLinear, export, pack_model
+from .packing import FrozenLinear, PackedLinear, export, freeze, pack_model, set_weight_form
 from .quantizer import QuEPTHfQuantizer, quantize_model, register
 from .switch import get_bits, quept_config, set_bits
 
@@ -21,6 +21,7 @@ register()
 mbclora.register()
 
 __all__ = [
+    "FrozenLinear",
     "MBCLoRAConfig",
     "PackedLinear",
     "QuEPTConfig",
@@ -29,6 +30,7 @@ __all__ = [
     "__version__",
     "calibrate",
     "export",
+    "freeze",
     "get_bits",
     "hub",
     "pack_model",
@@ -36,4 +38,5 @@ __all__ = [
     "quantize_model",
     "quept_config",
     "set_bits",
+    "set_weight_form",
 ]

@@ -88,6 +88,51 @@ def replace_packed_linears(model: nn.Module, config: QuEPTConfig) -> list[str]:
     return list(config.packed["bits"])
 
 
+def replace_frozen_linears(model: nn.Module, config: QuEPTConfig) -> list[str]:
+    """Swap each module named in ``config.frozen["bits"]`` for an empty `FrozenLinear` keeping those widths.
+
+    As for packed checkpoints, the new modules live on the old weight's device (meta while transformers builds the
+    skeleton), so no float weight of a frozen linear is ever materialised."""
+    from .packing.frozen import FrozenLinear
+
+    per_tensor = set(config.frozen.get("per_tensor_activations") or [])
+    for name, kept in config.frozen["bits"].items():
+        module = _linear_named(model, name, "frozen")
+        new = FrozenLinear(
+            module.in_features,
+            module.out_features,
+            module.bias is not None,
+            bits=kept,
+            group_size=config.group_size,
+            quantize_activations=config.mode == "weight_activation",
+            activation_granularity="per_tensor" if name in per_tensor else "per_token",
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+        )
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return list(config.frozen["bits"])
+
+
+def _linear_named(model: nn.Module, name: str, kind: str) -> nn.Linear:
+    """The ``nn.Linear`` a checkpoint of ``kind`` names, or a ValueError saying what the model has there."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        module = None
+    if type(module) is not nn.Linear:
+        found = "nothing" if module is None else type(module).__name__
+        raise ValueError(f"The {kind} QuEPT checkpoint names {name!r}; {type(model).__name__} has {found} there")
+    return module
+
+
+def frozen_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every `FrozenLinear` of a model, by module name."""
+    from .packing.frozen import FrozenLinear
+
+    return {name: module for name, module in model.named_modules() if isinstance(module, FrozenLinear)}
+
+
 def quept_linears(model: nn.Module) -> dict[str, QuEPTLinear]:
     """Every `QuEPTLinear` of a model (through PEFT wrappers too), by module name without PEFT prefixes."""
     found = {}
@@ -123,6 +168,11 @@ class QuEPTHfQuantizer(HfQuantizer):
 
         resolve_transforms(model, config, fresh=not self.pre_quantized)  # rotation/smoothing: None -> bool
         model.config.quantization_config = config  # the model's own clone, not the object the user passed
+        if config.is_frozen:
+            swapped = replace_frozen_linears(model, config)
+            pin_modules(model, module_roles(model, config.quantize_vision_tower).pinned)
+            logger.info("QuEPT: %d frozen linear layers (bits %s)", len(swapped), config.bits)
+            return
         if config.is_packed:
             swapped = replace_packed_linears(model, config)
             # Pinned layers (ViT patch embedding / head at 8 bits) keep float weights and fake-quantize as in
@@ -152,6 +202,8 @@ class QuEPTHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         config = self.quantization_config
+        if config.is_frozen:
+            return _finish_frozen(model, config)
         if config.is_packed:
             _check_packed_loaded(model)
             if config.quantize_attention_probs:
@@ -241,16 +293,37 @@ def _check_packed_loaded(model: nn.Module) -> None:
     """Every tensor of every `PackedLinear` must come from the checkpoint (else its values are garbage)."""
     from .packing.linear import PackedLinear
 
+    _check_all_loaded(model, PackedLinear, "packed")
+
+
+def _check_all_loaded(model: nn.Module, layer_type: type, kind: str) -> None:
+    """Every tensor of every ``layer_type`` layer must come from the checkpoint: name the ones it lacks."""
     missing = [
         f"{name}.{pname}"
         for name, module in model.named_modules()
-        if isinstance(module, PackedLinear)
-        for pname, param in module.named_parameters(recurse=False)
+        if isinstance(module, layer_type)
+        for pname, param in module.named_parameters()
         if not getattr(param, "_is_hf_initialized", False)
     ]
     if missing:
         shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
-        raise ValueError(f"The packed QuEPT checkpoint lacks tensors: {shown}")
+        raise ValueError(f"The {kind} QuEPT checkpoint lacks tensors: {shown}")
+
+
+def _finish_frozen(model: nn.Module, config: QuEPTConfig) -> nn.Module:
+    """After loading a frozen checkpoint: check every code tensor arrived, restore online transforms, switch to the
+    default width (deriving its working form from the codes) and give the model its ``set_adapter`` front door."""
+    from .packing.frozen import FrozenLinear
+    from .switch import install_frozen_switch, set_bits
+
+    _check_all_loaded(model, FrozenLinear, "frozen")
+    if config.quantize_attention_probs:
+        register_attention()
+        model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
+    _install_transforms(model, config, rotate=False)
+    set_bits(model, config.default_bits)
+    install_frozen_switch(model)
+    return model
 
 
 def register() -> None:

@@ -17,7 +17,8 @@ from .config import QuEPTConfig
 from .mbclora.config import MBCLoRAConfig, adapter_name_for_bits
 from .mbclora.layer import MBCLoRALayer
 from .nn import FLOAT_BITS
-from .quantizer import quept_linears
+from .quantizer import frozen_linears, quept_linears
+from .serialization import _BoundOverride
 
 
 def quept_config(model: nn.Module) -> QuEPTConfig:
@@ -57,8 +58,15 @@ def set_bits(model: nn.Module, bits: int | str | Mapping[str, int]) -> None:
         _set_plan(model, bits)
         return
     config = quept_config(model)
-    if bits not in config.bits and bits != FLOAT_BITS:
-        raise ValueError(f"bits={bits!r} is not available; this model was built for bits {config.bits} (or 16)")
+    if isinstance(bits, bool) or not isinstance(bits, int) or (bits not in config.bits and bits != FLOAT_BITS):
+        raise ValueError(
+            f"set_bits: bits={bits!r} is not available; this model provides bit-widths {config.bits}"
+            f"{'' if config.is_frozen else ' (or 16, float)'}, plan names {sorted(config.plans)} or a "
+            "{module: bits} mapping"
+        )
+    if config.is_frozen:
+        set_layer_bits(model, dict.fromkeys(frozen_linears(model), bits))
+        return
     adapters = mbclora_layers(model)
     if not adapters or bits == FLOAT_BITS:
         # Float reference: MBCLoRALayer.forward skips the delta whenever its base layer runs in float.
@@ -83,7 +91,7 @@ def _set_plan(model: nn.Module, name: str) -> None:
     if name not in config.plans:
         available = [adapter_name_for_bits(b) for b in config.bits] + sorted(config.plans)
         if name in available:
-            set_bits(model, int(name[1:]))
+            set_bits(model, config.bits[available.index(name)])
             return
         raise ValueError(f"no bit-width or plan named {name!r}; this model provides {available}")
     plan = {module: int(b) for module, b in config.plans[name]["bits"].items()}
@@ -118,18 +126,23 @@ def set_layer_bits(model: nn.Module, bits: Mapping[str, int]) -> None:
     An MB-CLoRA layer's delta (and, in weight_activation mode, its activation bit-width) follows its base layer.
     """
     config = quept_config(model)
-    layers = quept_linears(model)
+    layers = switchable_layers(model)
     unknown = sorted(set(bits) - set(layers))
     if unknown:
         raise ValueError(
             f"set_bits: unknown module name(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''}; quantized "
             f"linears are named like {sorted(layers)[:3]} (see quept_hf.get_bits(model))"
         )
-    allowed = [*config.bits, FLOAT_BITS]
-    bad = {name: b for name, b in bits.items() if isinstance(b, bool) or b not in allowed}
+
+    def allowed(name: str) -> list[int]:
+        return layers[name].bits if config.is_frozen else [*layers[name].bits, FLOAT_BITS]
+
+    bad = {
+        name: b for name, b in bits.items() if isinstance(b, bool) or not isinstance(b, int) or b not in allowed(name)
+    }
     if bad:
-        shown = dict(list(bad.items())[:5])
-        raise ValueError(f"set_bits: bit-width(s) not available for {shown}; this model has bits {config.bits} (or 16)")
+        shown = {name: f"{b!r} (allowed: {allowed(name)})" for name, b in list(bad.items())[:5]}
+        raise ValueError(f"set_bits: bit-width(s) not available for {shown}")
     for name, b in bits.items():
         layers[name].set_bits(int(b))
 
@@ -137,7 +150,7 @@ def set_layer_bits(model: nn.Module, bits: Mapping[str, int]) -> None:
 def get_bits(model: nn.Module) -> int | dict[str, int]:
     """The bit-width every elastic layer runs at, or ``{module name: bits}`` for every quantized linear when
     they differ (a mixed plan is active; block plans show expanded to their linears)."""
-    widths = {name: layer.active_bits for name, layer in quept_linears(model).items()}
+    widths = {name: layer.active_bits for name, layer in switchable_layers(model).items()}
     if not widths and _is_packed(model):
         widths = dict(quept_config(model).packed["bits"])  # a packed model runs at its frozen widths
     if not widths:
@@ -145,6 +158,31 @@ def get_bits(model: nn.Module) -> int | dict[str, int]:
     if len(set(widths.values())) == 1:
         return next(iter(widths.values()))
     return widths
+
+
+def switchable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers a switch sets, by module name: elastic `QuEPTLinear`s, or a frozen model's `FrozenLinear`s."""
+    return quept_linears(model) or frozen_linears(model)
+
+
+def set_adapter_frozen(model: nn.Module, adapter_name: str | list[str]) -> None:
+    """``set_adapter`` of a frozen model: a bit-width (``"w3"``) or stored plan (``"mixed-3.25"``) by name.
+
+    A frozen model carries no PEFT adapter (its widths are stored codes), so transformers' own ``set_adapter``
+    would answer "No adapter loaded"; this gives it the same front door as the elastic model."""
+    if isinstance(adapter_name, list):
+        if len(adapter_name) != 1:
+            raise ValueError(f"set_adapter: a frozen model runs one bit-width at a time, got {adapter_name}")
+        adapter_name = adapter_name[0]
+    if not isinstance(adapter_name, str):
+        raise ValueError(f"set_adapter: adapter_name={adapter_name!r} must be a name like 'w4' or 'mixed-3.25'")
+    _set_plan(model, adapter_name)
+
+
+def install_frozen_switch(model: nn.Module) -> None:
+    """Give a frozen transformers model ``set_adapter`` (an instance attribute, like the elastic save hooks)."""
+    if getattr(vars(model).get("set_adapter"), "__func__", None) is not set_adapter_frozen:
+        model.set_adapter = _BoundOverride(set_adapter_frozen, model)
 
 
 def _is_packed(model: nn.Module) -> bool:

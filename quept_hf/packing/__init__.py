@@ -1,4 +1,7 @@
-"""Real low-bit storage: dense packing of 2..8-bit codes, the `PackedLinear` layer, export and interop.
+"""Real low-bit storage: dense packing of 2..8-bit codes, the frozen and packed layers, freeze, export, interop.
+
+``quept_hf.freeze(model, bits=[2, 3, 4, 8])`` turns an elastic model into its deployable form: packed codes of
+every kept bit-width (`FrozenLinear`), switched by ``set_adapter`` without re-quantizing.
 
 ``quept_hf.export(model, "w3", out_dir)`` freezes an elastic model at one bit-width (or a mixed plan) and writes
 a transformers folder with packed weights that ``from_pretrained`` loads through the ``"quept"`` method;
@@ -7,18 +10,24 @@ a transformers folder with packed weights that ``from_pretrained`` loads through
 
 from .codec import pack, packed_cols, unpack
 from .export import QuantizedLinear, export, pack_model, quantize_layers, resolve_plan
+from .freeze import freeze
+from .frozen import WEIGHT_FORMS, FrozenLinear, set_weight_form
 from .linear import PackedLinear, dequantize_codes, set_weight_cache
 
 __all__ = [
+    "WEIGHT_FORMS",
+    "FrozenLinear",
     "PackedLinear",
     "QuantizedLinear",
     "dequantize_codes",
     "export",
+    "freeze",
     "pack",
     "pack_model",
     "packed_cols",
     "quantize_layers",
     "resolve_plan",
     "set_weight_cache",
+    "set_weight_form",
     "unpack",
 ]

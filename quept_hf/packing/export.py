@@ -101,7 +101,7 @@ def _plan_mapping(model: nn.Module, config: QuEPTConfig, bits_or_plan: BitsOrPla
     if isinstance(bits_or_plan, int) and not isinstance(bits_or_plan, bool):
         bits = _check_bits(bits_or_plan, config)
         return f"w{bits}", {"": bits}
-    plans = _stored_plans(model, config)
+    plans = stored_plans(model, config)
     if isinstance(bits_or_plan, str) and bits_or_plan in plans:
         return bits_or_plan, plans[bits_or_plan]
     available = [f"w{b}" for b in config.bits] + sorted(plans)
@@ -116,7 +116,7 @@ def _check_bits(bits: object, config: QuEPTConfig) -> int:
     return bits
 
 
-def _stored_plans(model: nn.Module, config: QuEPTConfig) -> dict[str, dict[str, int]]:
+def stored_plans(model: nn.Module, config: QuEPTConfig) -> dict[str, dict[str, int]]:
     """Mixed plans ``{name: {unit: bits}}`` from the QuEPTConfig (``{"bits": {...}}`` entries) and MB-CLoRA."""
     from ..serialization import elastic_adapter
 

@@ -1,0 +1,166 @@
+"""Freeze an elastic QuEPT model into its deployable form: integer codes per kept bit-width, still switchable.
+
+``frozen = quept_hf.freeze(model, bits=[2, 3, 4, 8], plans=["mixed-3.25"])`` computes, for every `QuEPTLinear`
+and every width it must keep (the uniform ``bits``, plus each kept plan's width for that layer), the codes of
+``Q_b(W + ΔW_b)`` with the calibrated clipping of ``b`` (`quept_hf.packing.export.quantize_layers`, the fake
+quantizer's own math) and stores them in a `quept_hf.packing.frozen.FrozenLinear`. No float weight, MB-CLoRA
+factor or clipping logit of a linear layer survives. The result is the model ``from_pretrained`` of the saved
+folder gives: it is built through transformers' loading path (``from_pretrained(None, config=..., state_dict=...)``)
+with ``quantization_config.frozen`` set, so ``frozen.save_pretrained(d)`` is transformers' own save and
+``AutoModelForCausalLM.from_pretrained(d)`` (after ``import quept_hf``) gives the frozen model back.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..config import FROZEN_FORMAT, FROZEN_VERSION, QuEPTConfig
+from .codec import pack
+from .export import QuantizedLinear, quantize_layers, resolve_plan, stored_plans
+from .frozen import FrozenLinear
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["freeze", "frozen_config", "kept_widths"]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def kept_widths(
+    model: nn.Module, bits: Iterable[int] | None = None, plans: Iterable[str] | None = None
+) -> tuple[list[int], dict[str, dict[str, int]], dict[str, list[int]]]:
+    """``(uniform bits, {plan: {module: bits}}, {module: kept widths})`` that `freeze` keeps (checked first).
+
+    ``bits`` defaults to every bit-width of the model, ``plans`` to every stored plan; a plan's widths are kept
+    only on the layers that use them, so a plan adds little beyond the uniform widths.
+    """
+    from ..switch import quept_config
+
+    config = quept_config(model)
+    uniform = _check_bits(config, config.bits if bits is None else bits)
+    available = stored_plans(model, config)
+    names = sorted(available) if plans is None else _check_plans(plans, available, config)
+    plan_maps = {name: resolve_plan(model, name)[1] for name in names}
+    modules = resolve_plan(model, uniform[-1])[1]  # every quantized linear; checks each keeps its widths
+    for b in uniform[:-1]:
+        resolve_plan(model, b)
+    kept = {module: sorted({*uniform, *(plan[module] for plan in plan_maps.values())}) for module in modules}
+    return uniform, plan_maps, kept
+
+
+def _check_bits(config: QuEPTConfig, bits: Iterable[int]) -> list[int]:
+    if isinstance(bits, (str, bytes)) or not isinstance(bits, Iterable):
+        raise ValueError(f"freeze: bits={bits!r} must be a list of bit-widths from {config.bits}")
+    chosen = list(bits)
+    bad = [b for b in chosen if isinstance(b, bool) or not isinstance(b, int) or b not in config.bits]
+    if not chosen or bad or len(set(chosen)) != len(chosen):
+        raise ValueError(
+            f"freeze: bits={chosen!r} must be a non-empty list of distinct bit-widths of this model, {config.bits} "
+            "(a frozen model keeps no float weights, so 16 cannot be kept)"
+        )
+    return sorted(chosen)
+
+
+def _check_plans(plans: Iterable[str], available: dict, config: QuEPTConfig) -> list[str]:
+    if isinstance(plans, (str, bytes)) or not isinstance(plans, Iterable):
+        raise ValueError(f"freeze: plans={plans!r} must be a list of stored plan names, e.g. {sorted(available)}")
+    names = list(plans)
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise ValueError(f"freeze: plans {unknown} are not stored on this model; it has {sorted(available)}")
+    return names
+
+
+def frozen_config(
+    config: QuEPTConfig, uniform: list[int], plan_maps: dict[str, dict[str, int]], kept: dict[str, list[int]],
+    per_tensor: list[str],
+) -> QuEPTConfig:  # fmt: skip
+    """The elastic config narrowed to the kept widths and plans, with the ``frozen`` description added."""
+    data = config.to_dict()
+    data.pop("quant_method", None)
+    used = sorted({b for widths in kept.values() for b in widths})
+    data.update(
+        bits=used,
+        bit_groups=[used],
+        default_bits=config.default_bits if config.default_bits in uniform else max(uniform),
+        group_size={b: config.group_size[b] for b in used},
+        ranks=[config.ranks[0]],
+        merge_weights=[1.0],
+        frozen={"format": FROZEN_FORMAT, "version": FROZEN_VERSION, "bits": kept, "per_tensor_activations": per_tensor},
+        plans={name: {**config.plans.get(name, {}), "bits": plan} for name, plan in plan_maps.items()},
+        checkpoint_dir=None,
+    )
+    kept_names = {f"w{b}" for b in uniform} | set(plan_maps)
+    if data.get("adapters"):
+        data["adapters"] = {k: v for k, v in data["adapters"].items() if k in kept_names}
+    return QuEPTConfig.from_dict(data)
+
+
+def _frozen_tensors(name: str, widths: dict[int, QuantizedLinear]) -> dict[str, torch.Tensor]:
+    """``{name}.qweight.{b}`` / ``.scales.{b}`` / ``.zeros.{b}`` (/ ``.act_log_step.{b}``) and the bias."""
+    state = {}
+    for b, q in widths.items():
+        state[f"{name}.qweight.{b}"] = pack(q.codes, b)
+        state[f"{name}.scales.{b}"] = q.scales.detach().clone()
+        state[f"{name}.zeros.{b}"] = q.zeros.detach().to(q.scales.dtype).clone()
+        if q.act_log_step is not None:
+            state[f"{name}.act_log_step.{b}"] = q.act_log_step.detach().to(q.scales.dtype).clone()
+    bias = next(iter(widths.values())).bias
+    if bias is not None:
+        state[f"{name}.bias"] = bias.detach().clone()
+    return state
+
+
+@torch.no_grad()
+def freeze(model: nn.Module, bits: Iterable[int] | None = None, plans: Iterable[str] | None = None) -> nn.Module:
+    """The frozen elastic model of ``model`` (left unchanged): codes of every kept width, no float master.
+
+    Args:
+        model: an elastic QuEPT model (transformers model with or without MB-CLoRA adapters, or a PeftModel).
+        bits: uniform bit-widths to keep (default: all of the model's).
+        plans: stored mixed plans to keep (default: all), e.g. ``["mixed-3.25"]``.
+
+    Returns a transformers model of the same class whose quantized linears are `FrozenLinear`: it answers
+    ``set_adapter("w3")`` / ``set_adapter("mixed-3.25")``, `quept_hf.set_bits` and `quept_hf.get_bits`, saves with
+    ``save_pretrained`` and reloads with ``from_pretrained``. At every kept width its logits equal the elastic
+    model's bit for bit (weight form ``"dequantized"``, the default; see `quept_hf.set_weight_form`).
+    """
+    from ..serialization import base_state_dict
+    from ..switch import quept_config
+
+    base = _unwrap(model)
+    config = quept_config(model)
+    uniform, plan_maps, kept = kept_widths(model, bits, plans)
+    by_width: dict[str, dict[int, QuantizedLinear]] = {module: {} for module in kept}
+    for b in sorted({b for widths in kept.values() for b in widths}):
+        for module, q in quantize_layers(model, {m: b for m, w in kept.items() if b in w}).items():
+            by_width[module][b] = q
+    prefixes = tuple(name + "." for name in kept)
+    state = {k: v for k, v in base_state_dict(base).items() if not k.startswith(prefixes)}
+    for module, widths in by_width.items():
+        state.update(_frozen_tensors(module, widths))
+    per_tensor = sorted(m for m, widths in by_width.items() if any(q.act_log_step is not None for q in widths.values()))
+    hf_config = type(base.config).from_dict(base.config.to_dict())
+    hf_config.quantization_config = frozen_config(config, uniform, plan_maps, kept, per_tensor).to_dict()
+    frozen = type(base).from_pretrained(None, config=hf_config, state_dict=state, dtype=base.dtype).eval()
+    if getattr(base, "generation_config", None) is not None:
+        frozen.generation_config = copy.deepcopy(base.generation_config)
+    _carry_input_transforms(frozen, by_width)
+    logger.info("QuEPT: froze %d linear layers at bits %s and plans %s", len(kept), uniform, sorted(plan_maps))
+    return frozen
+
+
+def _carry_input_transforms(frozen: nn.Module, by_width: dict[str, dict[int, QuantizedLinear]]) -> None:
+    """Online input transforms the config does not restore on load (rotation's are restored) stay in memory."""
+    for module, widths in by_width.items():
+        transform = next(iter(widths.values())).input_transform
+        layer = frozen.get_submodule(module)
+        if transform is not None and isinstance(layer, FrozenLinear) and layer.input_transform is None:
+            layer.input_transform = transform

@@ -1,0 +1,239 @@
+"""`FrozenLinear`: the deployable form of an elastic layer — packed integer codes of every KEPT bit-width.
+
+An elastic `QuEPTLinear` re-runs its quantizer (``Q_b(W + B·A)`` with clipping and rounding) at every switch and
+keeps the float weight, MB-CLoRA factors and clipping logits in memory. Freezing computes, once per kept width
+``b``, the codes of ``Q_b(W + ΔW_b)`` with their scales and zero points (the fake quantizer's own
+`quept_hf.nn.functional.quantize_weight_codes`) and keeps only those:
+
+* ``qweight[b]``: uint8 ``(out, ceil(in * b / 8))``, rows packed densely by `quept_hf.packing.codec`;
+* ``scales[b]``, ``zeros[b]``: ``(out, groups_b)`` in the model's float dtype (zero points are integer-valued but
+  may leave ``[0, 2^b - 1]``, which float holds exactly: see `quept_hf.packing.linear`);
+* ``act_log_step[b]``: per-tensor activation quantization only (ViTs), the calibrated log step of width ``b``;
+* ``bias``.
+
+Switching (`set_bits`) never touches a quantizer or a low-rank product: it derives the active width's WORKING
+FORM from its stored codes, once, and every forward uses it until the next switch. Three working forms
+(`WEIGHT_FORMS`, set per model by `quept_hf.set_weight_form`):
+
+* ``"dequantized"`` (default): ``s * (q - z)`` in the model's dtype, bitwise the elastic model's fake-quant weight,
+  so the logits equal the elastic model's exactly. Resident: the kept codes plus one float copy of one width.
+* ``"kernel"``: the active codes in a low-bit matmul kernel's layout (`quept_hf.packing.kernels`: int4 for 2..4
+  bits, int8 for 5..8 bits on CPU with bf16 activations); layers no kernel supports fall back to
+  ``"dequantized"``. Resident: the kept codes plus a 4- or 8-bit copy of one width. Differs from the reference by
+  the kernel's arithmetic (bf16 activations).
+* ``"none"``: no working copy; each forward dequantizes (smallest memory, slowest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.functional import fake_quantize_activation, fake_quantize_activation_static, num_groups
+from .codec import MAX_BITS, MIN_BITS, packed_cols, unpack
+from .linear import dequantize_codes
+
+__all__ = ["WEIGHT_FORMS", "FrozenLinear", "WorkingWeight", "set_weight_form"]
+
+WEIGHT_FORMS = ("dequantized", "kernel", "none")
+
+
+def _frozen(tensor: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(tensor, requires_grad=False)
+
+
+class WorkingWeight:
+    """What a forward multiplies by: derived from one width's codes on a switch, dropped on the next one.
+
+    Shared by `FrozenLinear` (many widths) and `quept_hf.packing.linear.PackedLinear` (one): both hold codes,
+    scales and zero points, and both pick the form by ``weight_form``.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.weight: torch.Tensor | None = None  # "dequantized"
+        self.kernel: Callable[[torch.Tensor], torch.Tensor] | None = None  # "kernel"
+
+    def clear(self) -> None:
+        self.key, self.weight, self.kernel = None, None, None
+
+    def ensure(self, key: tuple, form: str, codes: Callable[[], tuple]) -> None:
+        """(Re)derive the working form when ``key`` (width, tensor versions, form) changed since the last call."""
+        if self.key == key:
+            return
+        self.clear()
+        if form == "none":
+            self.key = key
+            return
+        with torch.no_grad():
+            q, scales, zeros, bits, group_size = codes()
+            if form == "kernel":
+                from .kernels import prepare_kernel
+
+                self.kernel = prepare_kernel(q, scales, zeros, bits, group_size)
+            if self.kernel is None:
+                self.weight = dequantize_codes(q, scales, zeros, group_size)
+        self.key = key
+
+    def nbytes(self) -> int:
+        """Resident bytes of the working form (0 for ``"none"``)."""
+        if self.kernel is not None:
+            return int(self.kernel.nbytes())
+        return 0 if self.weight is None else self.weight.numel() * self.weight.element_size()
+
+
+def versions(*tensors: torch.Tensor) -> tuple:
+    """In-place version counters and storage addresses: they change whenever a tensor's values may have (loading)."""
+    return tuple(v for t in tensors for v in (t._version, t.data_ptr()))
+
+
+class FrozenLinear(nn.Module):
+    """Inference linear layer holding packed codes of several bit-widths; runs the active one (module docstring).
+
+    Args:
+        bits: the kept bit-widths (2..8).
+        group_size: ``{bits: input columns per group}``, ``-1`` for one group per output row.
+        quantize_activations: weight+activation mode: inputs are quantized at the active width (the elastic
+            layer's activation quantizer), per token or (``activation_granularity="per_tensor"``) with the
+            calibrated step ``act_log_step[b]`` (NaN: dynamic absmax).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        bits: list[int],
+        group_size: dict[int, int],
+        quantize_activations: bool = False,
+        activation_granularity: str = "per_token",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        bad = [b for b in bits if isinstance(b, bool) or not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS]
+        if not bits or bad:
+            raise ValueError(f"FrozenLinear bits={bits!r}: expected bit-widths in {MIN_BITS}..{MAX_BITS}")
+        if activation_granularity not in ("per_token", "per_tensor"):
+            raise ValueError(f"activation_granularity={activation_granularity!r}: 'per_token' or 'per_tensor'")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits = sorted(bits)
+        self.group_size = {b: int(group_size[b]) for b in self.bits}
+        self.quantize_activations = quantize_activations
+        self.activation_granularity = activation_granularity
+        dtype = dtype or torch.get_default_dtype()
+        self.qweight, self.scales, self.zeros = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
+        self.act_log_step = nn.ParameterDict()
+        for b in self.bits:
+            groups = num_groups(in_features, self.group_size[b])
+            packed = (out_features, packed_cols(in_features, b))
+            self.qweight[str(b)] = _frozen(torch.empty(packed, dtype=torch.uint8, device=device))
+            self.scales[str(b)] = _frozen(torch.empty(out_features, groups, dtype=dtype, device=device))
+            self.zeros[str(b)] = _frozen(torch.empty(out_features, groups, dtype=dtype, device=device))
+            if quantize_activations and activation_granularity == "per_tensor":
+                self.act_log_step[str(b)] = _frozen(torch.full((), float("nan"), dtype=dtype, device=device))
+        self.bias = _frozen(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+        self.active_bits = max(self.bits)
+        self.activation_bits: int | None = None  # None: activations follow active_bits (as in QuEPTLinear)
+        self.input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.weight_form = "dequantized"
+        self.working = WorkingWeight()
+
+    # --------------------------------------------------------------------------------------- switching
+    def set_bits(self, bits: int) -> None:
+        """Make ``bits`` the active width and derive its working form from the stored codes (no quantizer)."""
+        if isinstance(bits, bool) or bits not in self.bits:
+            raise ValueError(
+                f"bit-width {bits!r} is not kept by this frozen layer; it keeps {self.bits} (a frozen model has no "
+                "float weights: freeze again with the width you need)"
+            )
+        self.active_bits = int(bits)
+        if self.qweight[str(bits)].device.type != "meta":
+            self._ensure_working()
+
+    def set_weight_form(self, form: str) -> None:
+        if form not in WEIGHT_FORMS:
+            raise ValueError(f"weight_form={form!r} is unknown; allowed: {list(WEIGHT_FORMS)}")
+        self.weight_form = form
+        self.working.clear()
+        if self.qweight[str(self.active_bits)].device.type != "meta":
+            self._ensure_working()
+
+    @property
+    def is_float(self) -> bool:
+        return False
+
+    # ------------------------------------------------------------------------------------------ compute
+    def codes(self, bits: int | None = None) -> torch.Tensor:
+        """The unpacked integer codes of ``bits`` (default: the active width), uint8 ``(out, in)``."""
+        bits = self.active_bits if bits is None else bits
+        return unpack(self.qweight[str(bits)], bits, self.in_features)
+
+    def dequantized_weight(self, bits: int | None = None) -> torch.Tensor:
+        """``s * (q - z)`` of ``bits``: bitwise the elastic layer's fake-quant weight it was frozen from."""
+        bits = self.active_bits if bits is None else bits
+        key = str(bits)
+        return dequantize_codes(self.codes(bits), self.scales[key], self.zeros[key], self.group_size[bits])
+
+    def _active(self) -> tuple:
+        key = str(self.active_bits)
+        return self.codes(), self.scales[key], self.zeros[key], self.active_bits, self.group_size[self.active_bits]
+
+    def _ensure_working(self) -> None:
+        key = str(self.active_bits)
+        tensors = (self.qweight[key], self.scales[key], self.zeros[key])
+        self.working.ensure((self.active_bits, self.weight_form, *versions(*tensors)), self.weight_form, self._active)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The elastic layer's input path: optional online transform, then the activation quantizer."""
+        if self.input_transform is not None:
+            x = self.input_transform(x)
+        if not self.quantize_activations:
+            return x
+        act_bits = self.activation_bits if self.activation_bits is not None else self.active_bits
+        if self.activation_granularity == "per_tensor":
+            return fake_quantize_activation_static(x, act_bits, self.act_log_step[str(act_bits)])
+        return fake_quantize_activation(x, act_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quantize_input(x)
+        self._ensure_working()
+        if self.working.kernel is not None:
+            out = self.working.kernel(x)
+            return out if self.bias is None else out + self.bias.to(out.dtype)
+        weight = self.working.weight if self.working.weight is not None else self.dequantized_weight()
+        return F.linear(x, weight.to(x.dtype), self.bias)
+
+    # -------------------------------------------------------------------------------------------- sizes
+    def storage_bytes(self) -> int:
+        """Bytes of the stored tensors (every kept width's codes, scales, zeros; bias), working form excluded."""
+        tensors = [*self.qweight.values(), *self.scales.values(), *self.zeros.values(), *self.act_log_step.values()]
+        tensors += [self.bias] if self.bias is not None else []
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def extra_repr(self) -> str:
+        mode = "W+A" if self.quantize_activations else "W"
+        mode += " per-tensor" if self.quantize_activations and self.activation_granularity == "per_tensor" else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"kept bits={self.bits}, active_bits={self.active_bits}, mode={mode}, weight_form={self.weight_form}"
+        )
+
+
+def set_weight_form(model: nn.Module, form: str) -> int:
+    """Run every `FrozenLinear` (and `PackedLinear`) of ``model`` with working form ``form`` (`WEIGHT_FORMS`).
+
+    ``"dequantized"``: exact (the elastic model's logits); ``"kernel"``: low-bit matmul kernels where a layer's
+    shape and width allow one (smaller and faster on CPU for decoding, bf16 arithmetic); ``"none"``: no working
+    copy (smallest). Returns the number of layers set.
+    """
+    if form not in WEIGHT_FORMS:
+        raise ValueError(f"set_weight_form: form={form!r} is unknown; allowed: {list(WEIGHT_FORMS)}")
+    layers = [m for m in model.modules() if hasattr(m, "set_weight_form") and hasattr(m, "qweight")]
+    for layer in layers:
+        layer.set_weight_form(form)
+    return len(layers)
