@@ -133,6 +133,27 @@ def cmd_export(args: argparse.Namespace) -> None:
     logger.info("packed %s model written to %s", args.bits, args.out)
 
 
+def cmd_freeze(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import quept_hf
+    from quept_hf.atomic import staged_folder
+
+    if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
+        raise CliError(f"--out {args.out!r} exists and is not an empty folder")
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    plans = None if args.plans == "all" else [p for p in args.plans.split(",") if p]
+    frozen = quept_hf.freeze(model, bits=parse_bits(args.bits), plans=plans)
+    with staged_folder(args.out) as staging:
+        frozen.save_pretrained(staging)
+        try:
+            AutoTokenizer.from_pretrained(args.model).save_pretrained(staging)
+        except (OSError, ValueError):
+            logger.info("no tokenizer in %s: the frozen folder has none either", args.model)
+    logger.info("frozen model (bits %s) written to %s", quept_hf.quept_config(frozen).bits, args.out)
+
+
 def cmd_card(args: argparse.Namespace) -> None:
     from quept_hf.hub import model_card
 
@@ -182,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--bits", required=True, help="an int, w3, or a plan name such as mixed-3.25")
     export.add_argument("--out", required=True)
     export.set_defaults(func=cmd_export)
+
+    freeze = commands.add_parser("freeze", help="deployable elastic model: codes of the kept bit-widths, switchable")
+    freeze.add_argument("model", help="folder or Hub id of a saved elastic QuEPT model")
+    freeze.add_argument("--bits", default="all", help="bit-widths to keep, e.g. 2,3,4,8 or 2-8 (default: all)")
+    freeze.add_argument("--plans", default="all", help="stored plans to keep, comma-separated ('' for none)")
+    freeze.add_argument("--out", required=True)
+    freeze.set_defaults(func=cmd_freeze)
 
     card = commands.add_parser("card", help="(re)write the model card README.md of a saved model")
     card.add_argument("model")

@@ -58,7 +58,8 @@ def set_bits(model: nn.Module, bits: int | str | Mapping[str, int]) -> None:
         _set_plan(model, bits)
         return
     config = quept_config(model)
-    if isinstance(bits, bool) or not isinstance(bits, int) or (bits not in config.bits and bits != FLOAT_BITS):
+    floats = [] if config.is_frozen else [FLOAT_BITS]
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in [*config.bits, *floats]:
         raise ValueError(
             f"set_bits: bits={bits!r} is not available; this model provides bit-widths {config.bits}"
             f"{'' if config.is_frozen else ' (or 16, float)'}, plan names {sorted(config.plans)} or a "
