@@ -7,9 +7,11 @@ Registered with transformers as quantization method ``"quept"`` (see `quept_hf.q
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
-from typing import Any
+import os
+from typing import Any, NoReturn
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
@@ -34,17 +36,82 @@ LOSSES = ("l1", "mse")
 CASCADE_TRAINING = ("joint", "owned")
 LR_SCALING = ("none", "step")
 DEFAULT_LR_SCALING = {"weight_only": "step", "weight_activation": "none"}
+MAX_LR = 1.0  # a larger Adam step moves a weight by more than its whole quantization range
+MAX_SEED = 2**32 - 1  # numpy's seed range; torch generators take it too
 
 # Run-time inputs: used by calibration, never serialised into config.json.
 RUNTIME_FIELDS = ("dataset", "tokenizer", "image_processor", "processor")
 
 
+def _is_int(value: Any) -> bool:
+    """An int that is not a bool: ``True`` is not a bit-width, a size or a seed."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """An int or float (not a bool) that is finite as a float (``10**400`` is not)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _as_float(value: Any) -> Any:
+    """A finite number as a float (``1`` and ``1.0`` are the same rate); anything else unchanged, for post_init
+    to refuse with the field's name."""
+    return float(value) if _finite_number(value) else value
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple))
+
+
+def _refuse(field: str, value: Any, allowed: str) -> NoReturn:
+    """The one shape of a refused setting: the field, the value given and what is allowed."""
+    raise ValueError(f"QuEPTConfig.{field}={value!r} is not allowed: {allowed}")
+
+
+def _int_list(field: str, value: Any, what: str) -> list[int]:
+    """A non-empty list (or tuple) of exact ints, copied; anything else is refused, never converted."""
+    if not isinstance(value, (list, tuple)) or not value or not all(_is_int(v) for v in value):
+        _refuse(field, value, f"expected a non-empty list of {what} (ints, not floats, strings or bools)")
+    return list(value)
+
+
+def _bit_list(field: str, value: Any) -> list[int]:
+    """Distinct bit-widths in MIN_BITS..MAX_BITS, returned sorted (their order carries no meaning)."""
+    bits = _int_list(field, value, f"bit-widths in {MIN_BITS}..{MAX_BITS}")
+    bad = [b for b in bits if not MIN_BITS <= b <= MAX_BITS]
+    if bad:
+        raise ValueError(f"QuEPTConfig.{field}={bits} has bit-widths {bad} outside {MIN_BITS}..{MAX_BITS}")
+    if len(set(bits)) != len(bits):
+        raise ValueError(f"QuEPTConfig.{field}={bits} repeats a bit-width")
+    return sorted(bits)
+
+
+def _bit_groups(value: Any) -> list[list[int]]:
+    """Groups of bit-widths, each sorted, the groups themselves low to high: the rank cascade follows this order."""
+    if not isinstance(value, (list, tuple)) or not value:
+        _refuse("bit_groups", value, "expected a non-empty list of groups of bit-widths, low to high")
+    groups = [_bit_list("bit_groups", group) for group in value]
+    if any(low[-1] >= high[0] for low, high in itertools.pairwise(groups)):
+        _refuse("bit_groups", value, "groups must run low to high (each group's bits below the next group's)")
+    return groups
 
 
 def _flatten(groups: list[list[int]]) -> list[int]:
     return sorted(b for group in groups for b in group)
+
+
+def _group_size_key(key: Any) -> int | None:
+    """A group-size key: an int bit-width, or its decimal string (JSON object keys are strings)."""
+    if _is_int(key):
+        return key
+    if isinstance(key, str) and key.isascii() and key.isdigit():
+        return int(key)
+    return None
 
 
 class QuEPTConfig(QuantizationConfigMixin):
@@ -173,40 +240,43 @@ class QuEPTConfig(QuantizationConfigMixin):
                 f"QuEPTConfig got unknown field(s) {sorted(kwargs)}; allowed fields are {sorted(self._fields())}"
             )
         self.quant_method = "quept"
-        if mode not in MODES:
-            raise ValueError(f"QuEPTConfig.mode={mode!r} is unknown; allowed: {list(MODES)}")
+        self._check_choice("mode", mode, MODES)
         self.mode = mode
-        self.bit_groups = [sorted(int(b) for b in g) for g in (bit_groups or self._default_groups(mode, bits))]
-        self.bits = sorted(int(b) for b in bits) if bits is not None else _flatten(self.bit_groups)
-        self.default_bits = int(default_bits) if default_bits is not None else max(self.bits)
+        # Normalise only what carries no meaning (order inside a set of bit-widths); refuse, never convert, the rest.
+        chosen = _bit_list("bits", bits) if bits is not None else None
+        self.bit_groups = _bit_groups(bit_groups) if bit_groups is not None else self._default_groups(mode, chosen)
+        self.bits = chosen if chosen is not None else _flatten(self.bit_groups)
+        self.default_bits = default_bits if default_bits is not None else max(self.bits)
         self.group_size = self._normalise_group_size(group_size)
-        self.ranks = list(ranks) if ranks is not None else [64] * len(self.bit_groups)
+        self.ranks = copy.deepcopy(ranks) if ranks is not None else [64] * len(self.bit_groups)
         self.kv_bits = kv_bits
         self.rotation = rotation
         self.smoothing = smoothing
-        self.modules_to_not_convert = list(modules_to_not_convert or [])
-        self.seed = int(seed)
+        self.modules_to_not_convert = self._module_names(modules_to_not_convert)
+        self.seed = seed
         self.dataset = dataset
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.processor = processor
-        self.quantize_vision_tower = bool(quantize_vision_tower)
-        self.quantize_attention_probs = bool(quantize_attention_probs)
+        self.quantize_vision_tower = quantize_vision_tower
+        self.quantize_attention_probs = quantize_attention_probs
         self.num_samples, self.seq_len, self.epochs, self.batch_size = num_samples, seq_len, epochs, batch_size
         default_lora, default_clip = DEFAULT_LR[mode]
-        self.lr_lora = float(lr_lora) if lr_lora is not None else default_lora
-        self.lr_clip = float(lr_clip) if lr_clip is not None else default_clip
+        self.lr_lora = _as_float(lr_lora) if lr_lora is not None else default_lora
+        self.lr_clip = _as_float(lr_clip) if lr_clip is not None else default_clip
         self.loss = loss
-        self.top_p = float(top_p)
-        self.merge_weights = list(merge_weights) if merge_weights is not None else self._default_merge()
+        self.top_p = _as_float(top_p)
+        self.merge_weights = [_as_float(w) for w in merge_weights] if _is_list(merge_weights) else merge_weights
+        if merge_weights is None:
+            self.merge_weights = self._default_merge()
         self.token_merge = token_merge
-        self.cascade = bool(cascade)
+        self.cascade = cascade
         self.cascade_training = cascade_training
-        self.lr_scaling = lr_scaling if lr_scaling is not None else DEFAULT_LR_SCALING.get(mode, "step")
-        self.checkpoint_dir = checkpoint_dir
+        self.lr_scaling = lr_scaling if lr_scaling is not None else DEFAULT_LR_SCALING[mode]
+        self.checkpoint_dir = os.fspath(checkpoint_dir) if isinstance(checkpoint_dir, os.PathLike) else checkpoint_dir
         self.dataset_description = dataset_description
-        self.calibrated = bool(calibrated)
-        self.format_version = int(format_version)
+        self.calibrated = calibrated
+        self.format_version = format_version
         self.packed = copy.deepcopy(packed) if packed is not None else None
         self.frozen = copy.deepcopy(frozen) if frozen is not None else None
         self.plans = copy.deepcopy(plans) if plans is not None else {}
@@ -223,10 +293,9 @@ class QuEPTConfig(QuantizationConfigMixin):
         if bits is None:
             return copy.deepcopy(groups)
         # Keep the default grouping restricted to the requested bits (e.g. bits=[3] -> [[3]]).
-        chosen = {int(b) for b in bits}
-        kept = [[b for b in g if b in chosen] for g in groups]
+        kept = [[b for b in g if b in bits] for g in groups]
         kept = [g for g in kept if g]
-        leftover = sorted(chosen - set(_flatten(kept)))
+        leftover = sorted(set(bits) - set(_flatten(kept)))
         return kept + [[b] for b in leftover] if leftover else kept
 
     def _default_merge(self) -> list[float]:
@@ -234,90 +303,157 @@ class QuEPTConfig(QuantizationConfigMixin):
             return list(DEFAULT_MERGE_WEIGHTS[self.mode])
         return [1.0 / len(self.bit_groups)] * len(self.bit_groups)
 
-    def _normalise_group_size(self, group_size: int | dict | None) -> dict[int, int]:
+    def _normalise_group_size(self, group_size: Any) -> dict[int, int]:
+        """``{bits: size}`` for exactly this config's bit-widths; an int applies to all. Keys may be the decimal
+        strings JSON makes of them; sizes must be ints (a bool or float is refused by `_check_group_size`)."""
         if group_size is None:
             return {b: (128 if b <= 3 else -1) for b in self.bits}
-        if isinstance(group_size, int):
-            return {b: int(group_size) for b in self.bits}
-        if isinstance(group_size, dict):
-            sizes = {int(b): int(s) for b, s in group_size.items()}
-            missing = [b for b in self.bits if b not in sizes]
-            if missing:
-                raise ValueError(f"QuEPTConfig.group_size has no entry for bit-width(s) {missing}")
-            return {b: sizes[b] for b in self.bits}
-        raise ValueError(f"QuEPTConfig.group_size={group_size!r}: expected an int, a dict or None")
+        if _is_int(group_size):
+            return dict.fromkeys(self.bits, group_size)
+        if not isinstance(group_size, dict):
+            _refuse("group_size", group_size, "expected an int, a dict or None")
+        sizes = {_group_size_key(b): s for b, s in group_size.items()}
+        extra = sorted((str(b) for b in sizes if b not in self.bits), key=str)
+        if None in sizes or extra:
+            _refuse("group_size", group_size, f"keys must be bit-widths of bits={self.bits}")
+        if not all(_is_int(s) for s in sizes.values()):
+            _refuse("group_size", group_size, "sizes must be ints (a positive size or -1 for per channel)")
+        missing = [b for b in self.bits if b not in sizes]
+        if missing:
+            raise ValueError(f"QuEPTConfig.group_size has no entry for bit-width(s) {missing}")
+        return {b: sizes[b] for b in self.bits}
+
+    @staticmethod
+    def _module_names(names: Any) -> list[str]:
+        """A list of module names; one string is ONE name (iterating it would give its characters)."""
+        if names is None:
+            return []
+        if isinstance(names, str):
+            names = [names]
+        if not _is_list(names) or not all(isinstance(n, str) and n for n in names):
+            _refuse("modules_to_not_convert", names, "expected a module name or a list of non-empty module names")
+        return list(names)
 
     # --------------------------------------------------------------- validation
     def post_init(self) -> None:
-        """Raise a ValueError naming the field for every inconsistent setting."""
-        bad = [b for b in self.bits if not MIN_BITS <= b <= MAX_BITS]
-        if bad:
-            raise ValueError(f"QuEPTConfig.bits={self.bits} has bit-widths {bad} outside {MIN_BITS}..{MAX_BITS}")
+        """Raise a ValueError naming the field, the value and what is allowed for every wrong setting.
+
+        Also run after a field was changed by hand, so it re-checks types as well as ranges: a wrong model must
+        never come from a setting that was quietly converted (``bits=[4.7]`` -> 4, ``cascade='no'`` -> True)."""
+        self._check_choice("mode", self.mode, MODES)
+        self._check_bits()
+        self._check_ranks_and_sizes()
+        self._check_switches()
+        self._check_calibration()
+        self._check_paths_and_inputs()
+        self._check_packed()
+        self._check_frozen()
+        self._check_plans()
+        self._check_hub_metadata()
+        self._check_format_version(self.format_version)
+
+    def _check_bits(self) -> None:
+        self.bits = _bit_list("bits", self.bits)
         if self.mode == "weight_activation" and min(self.bits) < 4:
             raise ValueError(f"QuEPTConfig.bits={self.bits}: weight_activation mode supports bits 4..8")
-        if len(set(self.bits)) != len(self.bits):
-            raise ValueError(f"QuEPTConfig.bits={self.bits} repeats a bit-width")
+        self.bit_groups = _bit_groups(self.bit_groups)
         if _flatten(self.bit_groups) != self.bits:
             raise ValueError(
                 f"QuEPTConfig.bit_groups={self.bit_groups} must partition bits={self.bits} "
                 "(every bit-width in exactly one group)"
             )
-        if self.default_bits not in self.bits:
-            raise ValueError(f"QuEPTConfig.default_bits={self.default_bits} is not one of bits={self.bits}")
-        if len(self.ranks) != len(self.bit_groups) or any(int(r) <= 0 for r in self.ranks):
+        if not _is_int(self.default_bits) or self.default_bits not in self.bits:
+            raise ValueError(f"QuEPTConfig.default_bits={self.default_bits!r} is not one of bits={self.bits}")
+        kv = self.kv_bits
+        if kv is not None and kv != "follow" and not (_is_int(kv) and MIN_BITS <= kv <= MAX_BITS):
+            raise ValueError(f"QuEPTConfig.kv_bits={kv!r}: allowed None, 'follow' or an int in 2..8")
+
+    def _check_ranks_and_sizes(self) -> None:
+        ranks = self.ranks
+        if not _is_list(ranks) or len(ranks) != len(self.bit_groups) or not all(_is_int(r) and r > 0 for r in ranks):
             raise ValueError(
-                f"QuEPTConfig.ranks={self.ranks} needs one positive rank per bit group "
+                f"QuEPTConfig.ranks={ranks!r} needs one positive rank per bit group (ints) "
                 f"({len(self.bit_groups)} groups: {self.bit_groups})"
             )
-        bad_sizes = {b: s for b, s in self.group_size.items() if s == 0 or s < -1}
+        sizes = self.group_size
+        if not isinstance(sizes, dict) or sorted(sizes, key=str) != sorted(self.bits, key=str):
+            _refuse("group_size", sizes, f"expected {{bits: size}} for bits={self.bits}")
+        if not all(_is_int(s) for s in sizes.values()):
+            _refuse("group_size", sizes, "sizes must be ints (a positive size or -1 for per channel)")
+        bad_sizes = {b: s for b, s in sizes.items() if s == 0 or s < -1}
         if bad_sizes:
             raise ValueError(
                 f"QuEPTConfig.group_size has non-positive sizes {bad_sizes}; use a positive size or -1 (per channel)"
             )
-        if (
-            self.kv_bits is not None
-            and self.kv_bits != "follow"
-            and not (isinstance(self.kv_bits, int) and MIN_BITS <= self.kv_bits <= MAX_BITS)
-        ):
-            raise ValueError(f"QuEPTConfig.kv_bits={self.kv_bits!r}: allowed None, 'follow' or an int in 2..8")
+
+    def _check_switches(self) -> None:
+        """Choices and flags: exact values, so ``'false'`` is not taken for True."""
         for name in ("rotation", "smoothing"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"QuEPTConfig.{name}={value!r}: allowed None (the mode's default), True or False")
+        for name in ("cascade", "calibrated", "quantize_vision_tower", "quantize_attention_probs"):
+            if not isinstance(getattr(self, name), bool):
+                _refuse(name, getattr(self, name), "expected True or False")
         self._check_choice("loss", self.loss, LOSSES)
         self._check_choice("cascade_training", self.cascade_training, CASCADE_TRAINING)
         self._check_choice("lr_scaling", self.lr_scaling, LR_SCALING)
         self._check_choice("token_merge", self.token_merge, TOKEN_MERGE_MODES)
         if self.quantize_attention_probs and self.mode != "weight_activation":
             raise ValueError("QuEPTConfig.quantize_attention_probs=True needs mode='weight_activation'")
+
+    def _check_calibration(self) -> None:
+        """Every numeric calibration setting in its range (AdamW checks only its default lr, not group rates)."""
         for name in ("num_samples", "seq_len", "epochs", "batch_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < (0 if name == "epochs" else 1):
-                raise ValueError(f"QuEPTConfig.{name}={value!r} must be a positive integer")
-        if not 0.0 <= self.top_p <= 1.0:
-            raise ValueError(f"QuEPTConfig.top_p={self.top_p} must lie in [0, 1]")
-        if len(self.merge_weights) != len(self.bit_groups) or any(w < 0 for w in self.merge_weights):
+            if not _is_int(value) or value < (0 if name == "epochs" else 1):
+                minimum = "a non-negative" if name == "epochs" else "a positive"
+                raise ValueError(f"QuEPTConfig.{name}={value!r} must be {minimum} integer")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            _refuse("seed", self.seed, f"expected an int in 0..{MAX_SEED}")
+        for name in ("lr_lora", "lr_clip"):
+            value = getattr(self, name)
+            if not _finite_number(value) or not 0 < value <= MAX_LR:
+                _refuse(name, value, f"expected a learning rate in (0, {MAX_LR}] (None: the mode's default)")
+        if not _finite_number(self.top_p) or not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"QuEPTConfig.top_p={self.top_p!r} must lie in [0, 1]")
+        weights = self.merge_weights
+        if (
+            not _is_list(weights)
+            or len(weights) != len(self.bit_groups)
+            or not all(_finite_number(w) and w >= 0 for w in weights)
+        ):
             raise ValueError(
-                f"QuEPTConfig.merge_weights={self.merge_weights} needs one non-negative weight per bit group "
+                f"QuEPTConfig.merge_weights={weights!r} needs one non-negative weight per bit group "
                 f"({len(self.bit_groups)})"
             )
-        self._check_packed()
-        self._check_frozen()
-        self._check_plans()
-        self._check_hub_metadata()
-        if self.format_version > FORMAT_VERSION:
-            raise ValueError(
-                f"This checkpoint uses QuEPT format version {self.format_version}, but the installed quept_hf "
-                f"reads up to version {FORMAT_VERSION}: upgrade quept_hf (pip install -U quept-hf)"
-            )
+        if not any(w > 0 for w in weights):
+            _refuse("merge_weights", weights, "at least one weight must be positive (they are normalised to sum 1)")
+
+    def _check_paths_and_inputs(self) -> None:
+        """Paths are strings; run-time inputs are objects of the right kind, caught here and not deep in calibration."""
+        self.modules_to_not_convert = self._module_names(self.modules_to_not_convert)
+        for name in ("checkpoint_dir", "dataset_description"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                _refuse(name, value, "expected a non-empty string (a path for checkpoint_dir) or None")
+        if self.tokenizer is not None and not (isinstance(self.tokenizer, str) or callable(self.tokenizer)):
+            _refuse("tokenizer", self.tokenizer, "expected a tokenizer (callable), a tokenizer name or None")
+        for name in ("image_processor", "processor"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                _refuse(name, value, "expected a processor (callable) or None")
 
     @staticmethod
     def _check_format_version(format_version: Any) -> None:
         """A checkpoint written by a newer quept_hf fails with both version numbers and the fix."""
-        if isinstance(format_version, int) and format_version > FORMAT_VERSION:
+        if not _is_int(format_version) or format_version < 1:
+            _refuse("format_version", format_version, f"expected an int in 1..{FORMAT_VERSION}")
+        if format_version > FORMAT_VERSION:
             raise ValueError(
-                f"This checkpoint uses QuEPT format version {format_version}, but the installed quept_hf "
-                f"reads up to version {FORMAT_VERSION}: upgrade quept_hf (pip install -U quept-hf)"
+                f"QuEPTConfig.format_version={format_version}: this checkpoint uses QuEPT format version "
+                f"{format_version}, but the installed quept_hf reads up to version {FORMAT_VERSION}: upgrade "
+                "quept_hf (pip install -U quept-hf)"
             )
 
     def _check_hub_metadata(self) -> None:
@@ -350,7 +486,7 @@ class QuEPTConfig(QuantizationConfigMixin):
             widths = plan.get("bits") if isinstance(plan, dict) else None
             if not isinstance(widths, dict) or not widths:
                 raise ValueError(f"QuEPTConfig.plans[{name!r}] needs a 'bits' mapping {{module: bits}}, got {plan!r}")
-            bad = sorted({b for b in widths.values() if not isinstance(b, int) or b not in self.bits}, key=str)
+            bad = sorted({repr(b) for b in widths.values() if not _is_int(b) or b not in self.bits})
             if bad:
                 raise ValueError(f"QuEPTConfig.plans[{name!r}] uses bit-widths {bad}; this config has bits {self.bits}")
 
@@ -361,21 +497,28 @@ class QuEPTConfig(QuantizationConfigMixin):
         packed = self.packed
         if not isinstance(packed, dict) or packed.get("format") != PACKED_FORMAT:
             raise ValueError(f"QuEPTConfig.packed must be a dict with format={PACKED_FORMAT!r}, got {packed!r}")
-        if int(packed.get("version", 1)) > PACKED_VERSION:
+        version = packed.get("version", 1)
+        if not _is_int(version) or version < 1:
+            raise ValueError(f"QuEPTConfig.packed['version']={version!r} must be a positive integer")
+        if version > PACKED_VERSION:
             raise ValueError(
-                f"This packed checkpoint uses packed format version {packed['version']}, but the installed quept_hf "
-                f"reads up to version {PACKED_VERSION}: upgrade quept_hf (pip install -U quept-hf)"
+                f"QuEPTConfig.packed['version']={version}: this packed checkpoint uses packed format version "
+                f"{version}, but the installed quept_hf reads up to version {PACKED_VERSION}: upgrade quept_hf "
+                "(pip install -U quept-hf)"
             )
         for key in ("bits", "activation_bits"):
             widths = packed.get(key) or {}
             if not isinstance(widths, dict) or (key == "bits" and not widths):
                 raise ValueError(f"QuEPTConfig.packed[{key!r}] must map module names to bit-widths, got {widths!r}")
             allowed = self.bits if key == "bits" else list(range(MIN_BITS, MAX_BITS + 1))
-            bad = {name: b for name, b in widths.items() if not isinstance(b, int) or b not in allowed}
+            bad = {name: b for name, b in widths.items() if not _is_int(b) or b not in allowed}
             if bad:
                 shown = dict(list(bad.items())[:4])
                 raise ValueError(f"QuEPTConfig.packed[{key!r}] has bit-widths outside {allowed}: {shown}")
-        unknown = sorted(set(packed.get("per_tensor_activations") or []) - set(packed.get("activation_bits") or {}))
+        per_tensor = packed.get("per_tensor_activations") or []
+        if not _is_list(per_tensor) or not all(isinstance(n, str) for n in per_tensor):
+            _refuse("packed['per_tensor_activations']", per_tensor, "expected a list of module names")
+        unknown = sorted(set(per_tensor) - set(packed.get("activation_bits") or {}))
         if unknown:
             raise ValueError(
                 f"QuEPTConfig.packed['per_tensor_activations'] names modules without activation bits: {unknown[:4]}"
@@ -389,12 +532,13 @@ class QuEPTConfig(QuantizationConfigMixin):
         if not isinstance(frozen, dict) or frozen.get("format") != FROZEN_FORMAT:
             raise ValueError(f"QuEPTConfig.frozen must be a dict with format={FROZEN_FORMAT!r}, got {frozen!r}")
         version = frozen.get("version")
-        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        if not _is_int(version) or version < 1:
             raise ValueError(f"QuEPTConfig.frozen['version']={version!r} must be a positive integer")
         if version > FROZEN_VERSION:
             raise ValueError(
-                f"This frozen checkpoint uses frozen format version {version}, but the installed quept_hf reads up "
-                f"to version {FROZEN_VERSION}: upgrade quept_hf (pip install -U quept-hf)"
+                f"QuEPTConfig.frozen['version']={version}: this frozen checkpoint uses frozen format version "
+                f"{version}, but the installed quept_hf reads up to version {FROZEN_VERSION}: upgrade quept_hf "
+                "(pip install -U quept-hf)"
             )
         if self.packed is not None:
             raise ValueError("QuEPTConfig.packed and QuEPTConfig.frozen are exclusive: a checkpoint is one kind")
@@ -405,7 +549,7 @@ class QuEPTConfig(QuantizationConfigMixin):
             if (
                 not isinstance(kept, list)
                 or not kept
-                or any(isinstance(b, bool) or not isinstance(b, int) or b not in self.bits for b in kept)
+                or any(not _is_int(b) or b not in self.bits for b in kept)
                 or kept != sorted(set(kept))
             ):
                 raise ValueError(
@@ -413,7 +557,11 @@ class QuEPTConfig(QuantizationConfigMixin):
                     f"from bits={self.bits}"
                 )
         per_tensor = frozen.get("per_tensor_activations", [])
-        if not isinstance(per_tensor, list) or not set(per_tensor) <= set(widths):
+        if (
+            not _is_list(per_tensor)
+            or not all(isinstance(n, str) for n in per_tensor)
+            or not set(per_tensor) <= set(widths)
+        ):
             raise ValueError(
                 f"QuEPTConfig.frozen['per_tensor_activations'] must list frozen modules, got {per_tensor!r}"
             )
@@ -460,15 +608,13 @@ class QuEPTConfig(QuantizationConfigMixin):
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """The config a dict (``config.json``'s ``quantization_config``) describes; ``kwargs`` naming fields override
+        it and are validated with it, the others are returned when ``return_unused_kwargs``."""
         config_dict = dict(config_dict)
         config_dict.pop("quant_method", None)
-        config = cls(**config_dict)
-        unused = {}
-        for key, value in kwargs.items():
-            if key in cls._fields():
-                setattr(config, key, value)
-            else:
-                unused[key] = value
+        fields = cls._fields()
+        config = cls(**{**config_dict, **{k: v for k, v in kwargs.items() if k in fields}})
+        unused = {k: v for k, v in kwargs.items() if k not in fields}
         return (config, unused) if return_unused_kwargs else config
 
     def clone(self) -> QuEPTConfig:

@@ -48,7 +48,7 @@ from quept_hf import QuEPTConfig, QuEPTHfQuantizer
         ({"num_samples": 0}, "num_samples=0 must be a positive integer"),
         ({"seq_len": 2048.0}, r"seq_len=2048.0 must be a positive integer"),
         ({"batch_size": -1}, "batch_size=-1 must be a positive integer"),
-        ({"epochs": -1}, "epochs=-1 must be a positive integer"),
+        ({"epochs": -1}, "epochs=-1 must be a non-negative integer"),
         ({"top_p": 1.5}, r"top_p=1.5 must lie in \[0, 1\]"),
         ({"merge_weights": [0.5, 0.5]}, "one non-negative weight per bit group"),
         ({"merge_weights": [0.5, 0.5, 0.5, -0.5]}, "one non-negative weight per bit group"),
@@ -137,8 +137,9 @@ def test_from_dict_return_unused_kwargs():
 def test_runtime_fields_are_never_serialised():
     texts = ["some calibration text"] * 3
 
-    class Tokenizer:  # not JSON-serialisable on purpose
-        pass
+    class Tokenizer:  # not JSON-serialisable on purpose; callable, as a tokenizer is
+        def __call__(self, text):
+            return {"input_ids": []}
 
     config = _custom_config(dataset=texts, tokenizer=Tokenizer())
     assert config.dataset is texts

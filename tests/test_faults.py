@@ -1,0 +1,179 @@
+"""Faults that must end in a clear error or an intact model, never in a wrong model that loads silently.
+
+Issue 17: bad settings, a calibration checkpoint of another model or with a damaged block file, a save killed
+half-way, stale weight files, edited metadata, a folder without ``config.json``. Each test reproduces one
+defect class on a tiny model and fails on the code that had it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from quept_hf import QuEPTConfig
+from quept_hf.config import RUNTIME_FIELDS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ------------------------------------------------------------------------------- config: ranges and types
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        # defect 5: numeric settings out of range
+        ({"lr_lora": -1e-3}, "lr_lora"),
+        ({"lr_clip": 0.0}, "lr_clip"),
+        ({"lr_lora": float("nan")}, "lr_lora"),
+        ({"lr_clip": 10.0}, "lr_clip"),
+        ({"top_p": -0.1}, "top_p"),
+        ({"seed": -1}, "seed"),
+        ({"merge_weights": [0.5, float("inf"), 0.25, 0.25]}, "merge_weights"),
+        # defect 10: silent type coercion
+        ({"bits": [4.7]}, "bits"),
+        ({"bits": "48"}, "bits"),
+        ({"bits": [True, 4]}, "bits"),
+        ({"default_bits": 5.9}, "default_bits"),
+        ({"default_bits": True, "bits": [1 + 1, 8]}, "default_bits"),
+        ({"cascade": "no"}, "cascade"),
+        ({"calibrated": "false"}, "calibrated"),
+        ({"quantize_vision_tower": 1}, "quantize_vision_tower"),
+        ({"group_size": True}, "group_size"),
+        ({"group_size": 64.0}, "group_size"),
+        ({"group_size": {"2": 128, "3": 128, "4": -1, "5": -1, "6": -1, "7": -1, "8": 1.5}}, "group_size"),
+        ({"bits": [3, 4], "bit_groups": [[4], [3]]}, "bit_groups"),
+        ({"bit_groups": [[2, 5], [3, 4], [6], [7, 8]]}, "bit_groups"),
+        ({"num_samples": True}, "num_samples"),
+        ({"format_version": "1"}, "format_version"),
+        ({"kv_bits": True}, "kv_bits"),
+        # defect 11: errors far from the cause
+        ({"bits": []}, "bits"),
+        ({"bit_groups": []}, "bit_groups"),
+        ({"ranks": [2.5, 4, 4, 4]}, "ranks"),
+        ({"seed": 2**70}, "seed"),
+        ({"merge_weights": [0.0, 0.0, 0.0, 0.0]}, "merge_weights"),
+        ({"checkpoint_dir": 123}, "checkpoint_dir"),
+        ({"checkpoint_dir": ""}, "checkpoint_dir"),
+        ({"tokenizer": 42}, "tokenizer"),
+        ({"processor": 3.5}, "processor"),
+        ({"modules_to_not_convert": [1, 2]}, "modules_to_not_convert"),
+    ],
+)
+def test_bad_setting_names_field_and_value(kwargs, field):
+    with pytest.raises(ValueError, match=rf"QuEPTConfig\.{field}=") as caught:
+        QuEPTConfig(**kwargs)
+    assert repr(kwargs[field])[:20] in str(caught.value) or str(kwargs[field])[:20] in str(caught.value)
+
+
+def test_exact_types_are_accepted_and_kept():
+    config = QuEPTConfig(bits=[8, 4], lr_lora=1, top_p=0, seed=2**32 - 1, merge_weights=[1, 0])
+    assert config.bits == [4, 8] and config.bit_groups == [[4], [8]]
+    assert config.lr_lora == 1.0 and isinstance(config.lr_lora, float) and config.merge_weights == [1.0, 0.0]
+
+
+def test_mutated_field_is_rechecked():
+    config = QuEPTConfig()
+    config.cascade = "no"
+    with pytest.raises(ValueError, match=r"QuEPTConfig\.cascade='no'"):
+        config.post_init()
+
+
+def test_module_name_string_is_one_name():
+    """Defect 6: ``"q_proj"`` was iterated into the names 'q', '_', 'p', ... so q_proj got quantized anyway."""
+    assert QuEPTConfig(modules_to_not_convert="q_proj").modules_to_not_convert == ["q_proj"]
+    assert QuEPTConfig.from_dict({"modules_to_not_convert": "q_proj"}).modules_to_not_convert == ["q_proj"]
+
+
+def test_module_name_string_keeps_layer_in_float(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from quept_hf.nn import QuEPTLinear
+
+    cfg = QuEPTConfig(modules_to_not_convert="q_proj")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=cfg)
+    attention = model.model.layers[0].self_attn
+    assert not isinstance(attention.q_proj, QuEPTLinear) and isinstance(attention.k_proj, QuEPTLinear)
+
+
+# -------------------------------------------------------------------- config: property over JSON values
+
+FIELDS = sorted(QuEPTConfig._fields() - set(RUNTIME_FIELDS))
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=8,
+)
+# Values of the right shape, so that many examples get through validation and test the round trip.
+PLAUSIBLE = {
+    "mode": st.sampled_from(["weight_only", "weight_activation"]),
+    "bits": st.lists(st.integers(1, 9), min_size=1, max_size=4, unique=True),
+    "bit_groups": st.lists(st.lists(st.integers(2, 8), min_size=1, max_size=2), min_size=1, max_size=3),
+    "default_bits": st.integers(2, 8),
+    "group_size": st.sampled_from([-1, 32, 128, 0]),
+    "ranks": st.lists(st.integers(0, 8), min_size=1, max_size=4),
+    "kv_bits": st.sampled_from([None, "follow", 4, 9]),
+    "lr_lora": st.floats(-1, 2),
+    "lr_clip": st.floats(-1, 2),
+    "top_p": st.floats(-0.5, 1.5),
+    "seed": st.integers(-5, 2**33),
+    "cascade": st.booleans(),
+    "calibrated": st.booleans(),
+    "modules_to_not_convert": st.sampled_from(["q_proj", ["mlp.down_proj"], []]),
+    "checkpoint_dir": st.sampled_from(["/tmp/ckpt", None]),
+    "epochs": st.integers(-1, 3),
+    "merge_weights": st.lists(st.floats(-1, 1), min_size=1, max_size=4),
+    "format_version": st.just(1),
+    "rotation": st.sampled_from([None, True, False]),
+    "smoothing": st.sampled_from([None, True, False]),
+    "loss": st.sampled_from(["l1", "mse"]),
+    "token_merge": st.sampled_from(["mbtome", "none", "uniform", "separate"]),
+    "lr_scaling": st.sampled_from([None, "none", "step"]),
+    "cascade_training": st.sampled_from(["joint", "owned"]),
+    "quantize_attention_probs": st.booleans(),
+}
+
+
+def _field_values(name: str) -> st.SearchStrategy:
+    """Mostly values of the field's shape (three draws in four), else any JSON value."""
+    plausible = PLAUSIBLE.get(name, JSON_VALUES)
+    return st.one_of(plausible, plausible, plausible, JSON_VALUES)
+
+
+CONFIG_DICTS = st.fixed_dictionaries({}, optional={name: _field_values(name) for name in FIELDS})
+
+
+def _expected(name: str, given, config: QuEPTConfig):
+    """What ``to_dict()[name]`` must be for a given value: itself, or its one documented normal form."""
+    if name == "bits":
+        return sorted(given)
+    if name == "bit_groups":
+        return [sorted(group) for group in given]
+    if name == "modules_to_not_convert" and isinstance(given, str):
+        return [given]
+    if name == "group_size":
+        sizes = dict.fromkeys(config.bits, given) if isinstance(given, int) else given
+        return {str(int(b)): s for b, s in sizes.items()}
+    return given
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(CONFIG_DICTS)
+def test_from_dict_round_trips_or_names_a_field(config_dict):
+    try:
+        config = QuEPTConfig.from_dict(config_dict)
+    except ValueError as exc:
+        named = re.search(r"QuEPTConfig\.(\w+)", str(exc))
+        assert named and named.group(1) in FIELDS, str(exc)
+        return
+    out = config.to_dict()
+    text = config.to_json_string()
+    again = QuEPTConfig.from_dict(json.loads(text))
+    assert again.to_dict() == out and again.to_json_string() == text
+    for name, given_value in config_dict.items():
+        if given_value is not None:
+            assert out[name] == _expected(name, given_value, config), name
