@@ -1,0 +1,327 @@
+"""Low-bit CPU matmul kernels for frozen QuEPT layers: the integer codes in the layout of PyTorch's own kernels.
+
+A frozen layer's reference forward is ``F.linear(x, s * (q - z))``: it reads a float weight, 4 bytes per weight
+per token. PyTorch ships CPU kernels that read 4- or 8-bit weights and dequantize in registers, so decoding (a
+few tokens, memory bound) reads 4-8x fewer bytes. They are fast with bf16 activations only (in fp32 or fp16 the
+same ops are 5-10x SLOWER than fp32 ``F.linear``), so every kernel converts the input to bf16 and the result
+back to ``x.dtype``. Measured speed-ups: ``benchmarks/lowbit_kernels.py``.
+
+Which kernel (`kernel_support` says why none):
+
+* ``"int4pack"`` (2..4 bits; grouped, or per-channel split into groups of the largest of 256/128/64/32 dividing
+  ``in_features``): ``torch.ops.aten._weight_int4pack_mm_for_cpu``, whose per-group weight is
+  ``(u - 8) * scale + zero`` for a nibble ``u``. QuEPT's ``s * (q - z)`` maps to ``u = q + c``, ``zero = s * (8 -
+  c - z)`` with a per-group shift ``c = clamp(8 - z, 0, 16 - 2^b)``: below 4 bits that makes ``zero`` exactly 0
+  (no bf16 rounding of a zero term that cancels most of the weight). Needs ``out_features % 16 == 0`` and
+  ``in_features`` a multiple of the group: no partial last group.
+* ``"int8pack"`` (per-channel, any width; used for 5..8 bits and for 2..4-bit shapes int4 rejects):
+  ``torch.ops.aten._weight_int8pack_mm`` (``x @ (w * scale).T``) on ``w = q - c`` (int8) with a per-row shift
+  ``c = clamp(z, 2^b - 128, 128)``, which is ``z`` itself below 8 bits, so ``s * (q - z)`` needs no correction;
+  otherwise (8 bits, ``z != 128``) a rank-1 term ``sum(x) * s * (c - z)`` is added in fp32.
+* ``"int4x2pack"`` (grouped 5..8 bits, which int8 cannot scale per group): the shifted code ``u = q - c + 136``
+  in [0, 255] is split into two nibbles, ``q - z = 16 (hi - 8) + (lo - 8) + (c - z)``, and ONE int4 matmul runs
+  on the input repeated twice along K (``[x, x] @ [hi part | lo part].T``): twice the int4 work, still a quarter
+  of fp32's bytes, and one fp32 accumulation.
+
+Prefill (many tokens) is compute bound, and there bf16 ``F.linear`` (AMX, oneDNN) beats these kernels by up to
+10x. So above ``max_tokens`` rows a kernel decodes its own weight to bf16 for that call (`LowBitKernel.
+dense_weight`; ``"int8pack"`` only casts its codes and scales the output) and runs bf16 ``F.linear``. The
+defaults (`MAX_TOKENS`) are the crossovers measured on this project's 2-core AVX512 machine.
+
+Numerics: bf16 activations, bf16 scales and zero terms, fp32 accumulation, a bf16 result. Each is one rounding
+of relative size 2^-9, so outputs match the float64 reference to well under 1% of their largest magnitude
+(``tests/test_kernels.py`` asserts 1e-2). Inference only: the ops have no autograd formula.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from ..nn.functional import num_groups
+from .codec import MAX_BITS, MIN_BITS
+
+__all__ = [
+    "INT4_GROUP_SIZES",
+    "MAX_TOKENS",
+    "Int4Kernel",
+    "Int8Kernel",
+    "LowBitKernel",
+    "kernel_support",
+    "prepare_kernel",
+]
+
+# Group sizes the int4 kernel accepts, largest first: fewer scale loads per row is faster.
+INT4_GROUP_SIZES = (256, 128, 64, 32)
+# Rows of x above which decoding the weight to bf16 + bf16 F.linear beats the low-bit kernel (measured crossovers,
+# benchmarks/lowbit_kernels.py): int8's dense form is a cast, int4's an unpack + dequantize, so theirs differ.
+MAX_TOKENS = {"int4pack": 48, "int4x2pack": 24, "int8pack": 8}
+_OFFSET = 136  # 16 * 8 + 8: the two-nibble split's offset, so that 16 (hi - 8) + (lo - 8) = u - 136
+
+
+def _ops_available() -> bool:
+    """The CPU ops exist in this torch build (2.5 and later)."""
+    aten = torch.ops.aten
+    return hasattr(aten, "_weight_int4pack_mm_for_cpu") and hasattr(aten, "_weight_int8pack_mm")
+
+
+def _kernel_group(span: int) -> int | None:
+    """Largest int4 group size dividing ``span`` (a QuEPT group, or the whole row for per-channel)."""
+    return next((g for g in INT4_GROUP_SIZES if span % g == 0), None)
+
+
+def kernel_support(
+    out_features: int, in_features: int, bits: int, group_size: int, device: torch.device | str = "cpu"
+) -> tuple[str | None, str]:
+    """``(kernel name, reason)``: the kernel `prepare_kernel` builds, or ``None`` and why (for logging)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        return None, f"bits={bits!r} is outside {MIN_BITS}..{MAX_BITS}"
+    if torch.device(device).type != "cpu":
+        return None, f"only CPU kernels are wired (device {device})"
+    if not _ops_available():
+        return None, f"torch {torch.__version__} lacks the int4/int8 CPU matmul ops"
+    if num_groups(in_features, group_size) == 1:
+        int4 = bits <= 4 and out_features % 16 == 0 and _kernel_group(in_features) is not None
+        return ("int4pack", "per-channel, int4") if int4 else ("int8pack", "per-channel, int8")
+    if in_features % group_size:
+        return None, f"in_features={in_features} leaves a partial last group of {in_features % group_size}"
+    if _kernel_group(group_size) is None:
+        return None, f"group_size={group_size} is not a multiple of 32 (int4 kernel groups {INT4_GROUP_SIZES})"
+    if out_features % 16:
+        return None, f"out_features={out_features} is not a multiple of 16 (int4 kernel)"
+    return ("int4pack", "grouped, int4") if bits <= 4 else ("int4x2pack", "grouped 5..8 bits, two int4 nibbles")
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+
+
+class LowBitKernel:
+    """``x (..., in) -> x @ W.T (..., out)`` in ``x.dtype``, bias not included; ``W`` is held in a low-bit layout.
+
+    Subclasses implement `_kernel` (bf16 2-D input, the low-bit op) and `dense_weight` (bf16 ``W``, decoded for
+    inputs of more than ``max_tokens`` rows, where bf16 ``F.linear`` is faster; ``None``: never).
+    """
+
+    name = "lowbit"
+
+    def __init__(self, bits: int, out_features: int, in_features: int, max_tokens: int | None) -> None:
+        self.bits, self.out_features, self.in_features = bits, out_features, in_features
+        self.max_tokens = max_tokens
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.name}: input has {x.shape[-1]} features, the weight {self.in_features}")
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] == 0:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+        if self.max_tokens is not None and rows.shape[0] > self.max_tokens:
+            out = self._dense(rows)
+        else:
+            out = self._kernel(rows.to(torch.bfloat16).contiguous(), rows)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _kernel(self, x_bf16: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(torch.bfloat16), self.dense_weight())
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as bf16 ``(out, in)``, decoded from the low-bit layout (transient: not kept)."""
+        raise NotImplementedError
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The prepared tensors (what stays resident)."""
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        """Resident bytes of the prepared weight (codes, scales, zero terms, corrections)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.name}, bits={self.bits}, out={self.out_features}, in={self.in_features}, "
+            f"max_tokens={self.max_tokens})"
+        )
+
+
+class Int8Kernel(LowBitKernel):
+    """Per-channel codes as ``int8 = q - c`` for `torch.ops.aten._weight_int8pack_mm` (module docstring)."""
+
+    name = "int8pack"
+
+    def __init__(self, weight, scales, correction: torch.Tensor | None, bits: int, max_tokens: int | None) -> None:
+        super().__init__(bits, weight.shape[0], weight.shape[1], max_tokens)
+        self.weight, self.scales, self.correction = weight, scales, correction
+
+    def _kernel(self, x_bf16: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.aten._weight_int8pack_mm(x_bf16, self.weight, self.scales)
+        return out if self.correction is None else self._corrected(out, x)
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        # Per-channel: the scale factors out of the K sum, and int8 codes are exact in bf16, so only a cast.
+        out = F.linear(x.to(torch.bfloat16), self.weight.to(torch.bfloat16)).float().mul_(self.scales.float())
+        return out if self.correction is None else self._corrected(out, x)
+
+    def _corrected(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``out + sum(x) (x) s * (c - z)`` in fp32: the zero point the int8 shift could not absorb."""
+        return torch.addr(out.float(), x.float().sum(-1), self.correction)
+
+    def dense_weight(self) -> torch.Tensor:
+        weight = self.weight.float().mul_(self.scales.float().unsqueeze(-1))
+        if self.correction is not None:
+            weight.add_(self.correction.unsqueeze(-1))
+        return weight.to(torch.bfloat16)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.weight, self.scales] + ([] if self.correction is None else [self.correction])
+
+
+class Int4Kernel(LowBitKernel):
+    """Nibbles in `torch.ops.aten._convert_weight_to_int4pack_for_cpu`'s layout with bf16 ``(groups, out, 2)``
+    scales and zero terms. ``repeat = 2``: the two-nibble form of 5..8-bit codes (the input runs twice along K)."""
+
+    def __init__(self, packed, scales_and_zeros, group: int, bits: int, max_tokens: int | None, repeat: int = 1):
+        super().__init__(bits, packed.shape[0], packed.shape[1] * 2 // repeat, max_tokens)
+        self.packed, self.scales_and_zeros, self.group, self.repeat = packed, scales_and_zeros, group, repeat
+        self.name = "int4pack" if repeat == 1 else "int4x2pack"
+        if _int4_layout() is None:  # unknown packed layout: no dense decode, so never leave the kernel
+            self.max_tokens = None
+
+    def _kernel(self, x_bf16: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.repeat > 1:
+            x_bf16 = x_bf16.repeat(1, self.repeat)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x_bf16, self.packed, self.group, self.scales_and_zeros)
+
+    def dense_weight(self) -> torch.Tensor:
+        out_features, cols = self.packed.shape[0], self.packed.shape[1] * 2
+        nibbles = _unpack_int4(self.packed, _int4_layout()).view(out_features, cols // self.group, self.group)
+        scales, zero_terms = self.scales_and_zeros.transpose(0, 1).float().unsqueeze(-1).unbind(-2)
+        weight = nibbles.float().sub_(8).mul_(scales).add_(zero_terms).view(out_features, cols)
+        if self.repeat > 1:
+            weight = weight.view(out_features, self.repeat, -1).sum(1)
+        return weight.to(torch.bfloat16)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.packed, self.scales_and_zeros]
+
+
+# ------------------------------------------------------------------------------------- int4 packed layout
+
+
+def _unpack_int4(packed: torch.Tensor, block: int) -> torch.Tensor:
+    """Codes uint8 ``(N, K)`` from the op's packed ``(N, K / 2)``, as ``aten/src/ATen/native/cpu/int4mm_kernel.cpp``
+    lays them out: per block of ``block`` rows, k-major bytes whose low nibbles hold the block's first half of the
+    rows and high nibbles the second half; a shorter last block (and ``block == 0``: every block) pairs rows
+    (low nibble row ``2j``, high ``2j + 1``)."""
+    rows, cols = packed.shape[0], packed.shape[1] * 2
+    flat, full = packed.reshape(-1), rows // block * block if block else 0
+    parts = []
+    if full:
+        split = flat[: full * cols // 2].view(full // block, cols, block // 2)
+        parts.append(torch.cat([split & 15, split >> 4], dim=2).transpose(1, 2).reshape(full, cols))
+    if rows > full:
+        paired = flat[full * cols // 2 :].view(cols, (rows - full) // 2)
+        parts.append(torch.stack([paired & 15, paired >> 4], dim=2).reshape(cols, rows - full).t())
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+@functools.cache
+def _int4_layout() -> int | None:
+    """The row block of this build's int4 packing (64 on AVX512, 32 on AVX2, 0: plain row pairs), found by packing
+    a probe once; ``None`` if no known layout reproduces it (the dense prefill path is then off)."""
+    probe = torch.randint(0, 16, (64 * 2 + 48, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 2)
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != (probe.shape[0], probe.shape[1] // 2):
+        return None
+    return next((b for b in (64, 32, 0) if torch.equal(_unpack_int4(packed, b).to(torch.int32), probe)), None)
+
+
+# ------------------------------------------------------------------------------------------------ prepare
+
+
+def prepare_kernel(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int,
+    max_tokens: int | None = -1,
+) -> LowBitKernel | None:
+    """A kernel computing ``x @ (s * (q - z)).T`` from `quept_hf.nn.functional.quantize_weight_codes` output.
+
+    ``codes`` uint8 ``(out, in)``; ``scales``/``zeros`` float ``(out, groups)``. ``None`` when no kernel supports
+    the shape, width or device (`kernel_support` says why): the caller keeps its dequantize + ``F.linear`` path.
+    ``max_tokens``: inputs with more rows run bf16 ``F.linear`` on the decoded weight; ``-1``: the measured
+    crossover `MAX_TOKENS`; ``None``: always the low-bit kernel. Runs at every bit-width switch, so it is a few
+    elementwise passes over the codes plus the op's own packing.
+    """
+    out_features, in_features = codes.shape
+    name, _ = kernel_support(out_features, in_features, bits, group_size, codes.device)
+    if name is None:
+        return None
+    groups = num_groups(in_features, group_size)
+    if tuple(scales.shape) != (out_features, groups) or scales.shape != zeros.shape:
+        raise ValueError(
+            f"scales {tuple(scales.shape)}, zeros {tuple(zeros.shape)}: expected ({out_features}, {groups})"
+        )
+    max_tokens = MAX_TOKENS[name] if max_tokens == -1 else max_tokens
+    prepare = {"int8pack": _prepare_int8, "int4pack": _prepare_int4, "int4x2pack": _prepare_int4x2}[name]
+    with torch.no_grad():
+        return prepare(codes, scales.float(), zeros.float().round(), bits, max_tokens)
+
+
+def _shift_codes(codes: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``codes + shift`` per (row, group) in uint8 arithmetic (wraps mod 256: callers keep results in range)."""
+    out_features, in_features = codes.shape
+    groups = shift.shape[1]
+    shift = shift.to(torch.int16).remainder(256).to(torch.uint8).unsqueeze(-1)
+    return codes.reshape(out_features, groups, in_features // groups).add(shift).reshape(codes.shape)
+
+
+def _prepare_int8(codes, scales, zeros, bits: int, max_tokens: int | None) -> Int8Kernel:
+    shift = zeros.clamp(2**bits - 128, 128)
+    # uint8 wrap-around then a bit reinterpretation: int8(q - c) in one pass, no wider temporary.
+    weight = _shift_codes(codes, -shift).view(torch.int8)
+    correction = (scales * (shift - zeros)).squeeze(1)
+    correction = correction if bool(correction.any()) else None
+    return Int8Kernel(weight, scales.squeeze(1).to(torch.bfloat16), correction, bits, max_tokens)
+
+
+def _scales_and_zeros(scales: torch.Tensor, zero_terms: torch.Tensor, repeat: int) -> torch.Tensor:
+    """``(out, groups)`` fp32 scales and zero terms -> the op's bf16 ``(groups * repeat, out, 2)``."""
+    both = torch.stack([scales, zero_terms], dim=-1).to(torch.bfloat16)
+    if repeat > 1:
+        both = both.repeat_interleave(repeat, dim=1)
+    return both.transpose(0, 1).contiguous()
+
+
+def _span(in_features: int, groups: int) -> int:
+    """Input columns per QuEPT group (the whole row when per-channel)."""
+    return in_features if groups == 1 else in_features // groups
+
+
+def _prepare_int4(codes, scales, zeros, bits: int, max_tokens: int | None) -> Int4Kernel:
+    span = _span(codes.shape[1], scales.shape[1])
+    group = _kernel_group(span)
+    shift = (8 - zeros).clamp(0, 16 - 2**bits)
+    scales = scales.to(torch.bfloat16).float()  # the zero term from the scale the kernel will use
+    nibbles = _shift_codes(codes, shift).to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 2)
+    scales_and_zeros = _scales_and_zeros(scales, scales * (8 - shift - zeros), span // group)
+    return Int4Kernel(packed, scales_and_zeros, group, bits, max_tokens)
+
+
+def _prepare_int4x2(codes, scales, zeros, bits: int, max_tokens: int | None) -> Int4Kernel:
+    span = _span(codes.shape[1], scales.shape[1])
+    group = _kernel_group(span)
+    shift = zeros.clamp(2**bits - 1 - (255 - _OFFSET), _OFFSET)
+    shifted = _shift_codes(codes, _OFFSET - shift)  # u = q - c + 136, in [0, 255]
+    nibbles = torch.cat([shifted >> 4, shifted & 15], dim=1).to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 2)
+    scales = scales.to(torch.bfloat16).float()
+    high = _scales_and_zeros(scales * 16, torch.zeros_like(scales), span // group)
+    low = _scales_and_zeros(scales, scales * (shift - zeros), span // group)
+    return Int4Kernel(packed, torch.cat([high, low]), group, bits, max_tokens, repeat=2)
