@@ -11,10 +11,12 @@ import json
 import re
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quept_hf import QuEPTConfig
+from quept_hf.calibration import calibrate
 from quept_hf.config import RUNTIME_FIELDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -177,3 +179,71 @@ def test_from_dict_round_trips_or_names_a_field(config_dict):
     for name, given_value in config_dict.items():
         if given_value is not None:
             assert out[name] == _expected(name, given_value, config), name
+
+
+# ------------------------------------------------------------------------ calibration checkpoints (defect 1)
+
+SMALL = dict(ranks=[4] * 4, group_size=16, smoothing=False, num_samples=8, seq_len=16, batch_size=4, epochs=0)
+
+
+@pytest.fixture(scope="module")
+def other_llama_dir(tmp_path_factory) -> str:
+    """The tiny LLaMA's architecture with other random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import TINY_LLAMA
+
+    folder = tmp_path_factory.mktemp("other_llama")
+    torch.manual_seed(1)
+    LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).save_pretrained(folder)
+    return str(folder)
+
+
+def _elastic(folder: str, **config):
+    from transformers import AutoModelForCausalLM
+
+    cfg = QuEPTConfig(**{**SMALL, **config})
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=cfg).eval()
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
+
+
+def test_checkpoint_of_another_model_is_refused(tiny_llama_dir, other_llama_dir, tmp_path):
+    folder = str(tmp_path / "ckpt")
+    calibrate(_elastic(tiny_llama_dir), _ids(), checkpoint_dir=folder)
+    with pytest.raises(ValueError, match=r"checkpoint_dir '.*ckpt' holds the calibration of another model") as caught:
+        calibrate(_elastic(other_llama_dir), _ids(), checkpoint_dir=folder)
+    assert "float weights of blocks [0, 1]" in str(caught.value)
+    calibrate(_elastic(tiny_llama_dir), _ids(), checkpoint_dir=folder)  # its own model still resumes
+
+
+def test_checkpoint_of_another_architecture_names_it(tiny_llama_dir, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import TINY_LLAMA
+
+    deeper = tmp_path / "deeper"
+    LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "num_hidden_layers": 3})).save_pretrained(deeper)
+    folder = str(tmp_path / "ckpt")
+    calibrate(_elastic(tiny_llama_dir), _ids(), checkpoint_dir=folder)
+    with pytest.raises(ValueError, match=r"another model .*architecture: 'LlamaForCausalLM \(.*, 2 blocks\)'"):
+        calibrate(_elastic(str(deeper)), _ids(), checkpoint_dir=folder)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_damaged_block_file_is_refused_on_resume(tiny_llama_dir, tmp_path, damage):
+    folder = tmp_path / "ckpt"
+    calibrate(_elastic(tiny_llama_dir), _ids(), checkpoint_dir=str(folder))
+    block = folder / "block_0000.safetensors"
+    data = bytearray(block.read_bytes())
+    if damage == "flip":
+        data[-3] ^= 0x10  # inside the last tensor's bytes: safetensors itself would load it
+        block.write_bytes(bytes(data))
+    elif damage == "truncate":
+        block.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        block.unlink()
+    with pytest.raises(ValueError, match=r"block file block_0000\.safetensors (is corrupted|is missing)"):
+        calibrate(_elastic(tiny_llama_dir), _ids(), checkpoint_dir=str(folder))

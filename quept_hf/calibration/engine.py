@@ -26,7 +26,7 @@ from ..mbclora import MBCLoRAConfig, MBCLoRALayer, adapter_name_for_bits
 from ..models import Architecture, Chain, architecture_for, fold_block_norms
 from ..nn import FLOAT_BITS, QuEPTLinear, float_reference
 from .capture import capture_block_kwargs, capture_first_block_inputs, to_device
-from .checkpoint import BlockCheckpoints
+from .checkpoint import BlockCheckpoints, tensors_sha256
 from .data import describe, text_windows
 from .mbtome import merge_tokens
 from .smoothing import search_bits, smooth_block
@@ -162,7 +162,8 @@ def _run(base: nn.Module, arch: Architecture, batches: list[dict], config: QuEPT
     batches = [to_device(b, model_device) for b in batches]
     checkpoints = None
     if settings.checkpoint_dir:
-        checkpoints = BlockCheckpoints(settings.checkpoint_dir, _fingerprint(settings, batches))
+        fingerprint = {**_fingerprint(settings, batches), **_model_fingerprint(base, arch, config)}
+        checkpoints = BlockCheckpoints(settings.checkpoint_dir, fingerprint)
     done = checkpoints.completed() if checkpoints else 0
     if done:
         logger.info("QuEPT calibration resumes after block %d (checkpoint_dir=%s)", done, settings.checkpoint_dir)
@@ -447,3 +448,25 @@ def _fingerprint(settings: QuEPTConfig, batches: list[dict]) -> dict:
             digest.update(value if isinstance(value, bytes) else repr(value).encode())
     fingerprint = {k: full[k] for k in keys if k != "checkpoint_dir"}
     return {**fingerprint, "data_sha256": digest.hexdigest()}
+
+
+def _model_fingerprint(base: nn.Module, arch: Architecture, config: QuEPTConfig) -> dict:
+    """The model a checkpoint_dir belongs to: its class, family and block count, and a digest of each block's float
+    state (and of the weights outside the blocks) taken before any block is calibrated. Without it a folder filled
+    by model A resumed into model B when settings and data matched. MB-CLoRA slices and clipping logits are left
+    out: calibration trains them, the float weights it starts from define the model."""
+    blocks = [block for chain in arch.chains(base, config.quantize_vision_tower) for block in chain.blocks]
+    names = {id(module): name for name, module in base.named_modules()}
+    prefixes = [names[id(block)] + "." for block in blocks]
+    groups: list[dict[str, torch.Tensor]] = [{} for _ in range(len(blocks) + 1)]  # last: outside every block
+    trained = (*MBCLoRALayer.adapter_layer_names, "clip_upper.", "clip_lower.", "clip_act.")
+    for key, tensor in base.state_dict().items():
+        if any(part in key for part in trained):
+            continue
+        owner = next((i for i, prefix in enumerate(prefixes) if key.startswith(prefix)), len(blocks))
+        groups[owner][key.removeprefix(prefixes[owner]) if owner < len(blocks) else key] = tensor
+    return {
+        "architecture": f"{type(base).__name__} ({arch.name}, {len(blocks)} blocks)",
+        "block_weights_sha256": [tensors_sha256(group) for group in groups[:-1]],
+        "other_weights_sha256": tensors_sha256(groups[-1]),
+    }
