@@ -14,7 +14,8 @@ Which kernel (`kernel_support` says why none):
   c - z)`` with a per-group shift ``c = clamp(8 - z, 0, 16 - 2^b)``: below 4 bits that makes ``zero`` exactly 0
   (no bf16 rounding of a zero term that cancels most of the weight). Needs ``out_features % 16 == 0`` and
   ``in_features`` a multiple of the group: no partial last group.
-* ``"int8pack"`` (per-channel, any width; used for 5..8 bits and for 2..4-bit shapes int4 rejects):
+* ``"int8pack"`` (per-channel, any width, ``in_features % 16 == 0``; used for 5..8 bits and for 2..4-bit shapes
+  int4 rejects):
   ``torch.ops.aten._weight_int8pack_mm`` (``x @ (w * scale).T``) on ``w = q - c`` (int8) with a per-row shift
   ``c = clamp(z, 2^b - 128, 128)``, which is ``z`` itself below 8 bits, so ``s * (q - z)`` needs no correction;
   otherwise (8 bits, ``z != 128``) a rank-1 term ``sum(x) * s * (c - z)`` is added in fp32.
@@ -83,8 +84,11 @@ def kernel_support(
     if not _ops_available():
         return None, f"torch {torch.__version__} lacks the int4/int8 CPU matmul ops"
     if num_groups(in_features, group_size) == 1:
-        int4 = bits <= 4 and out_features % 16 == 0 and _kernel_group(in_features) is not None
-        return ("int4pack", "per-channel, int4") if int4 else ("int8pack", "per-channel, int8")
+        if bits <= 4 and out_features % 16 == 0 and _kernel_group(in_features) is not None:
+            return "int4pack", "per-channel, int4"
+        if in_features % 16:  # the AVX512 int8 kernel steps K by 16 with aligned loads: other K read past rows
+            return None, f"in_features={in_features} is not a multiple of 16 (int8 kernel)"
+        return "int8pack", "per-channel, int8"
     if in_features % group_size:
         return None, f"in_features={in_features} leaves a partial last group of {in_features % group_size}"
     if _kernel_group(group_size) is None:
@@ -157,6 +161,8 @@ class Int8Kernel(LowBitKernel):
         self.weight, self.scales, self.correction = weight, scales, correction
 
     def _kernel(self, x_bf16: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if x_bf16.data_ptr() % 64:  # the op's aligned 256-bit loads fault on an offset view (x[1:] etc.)
+            x_bf16 = x_bf16.clone()
         out = torch.ops.aten._weight_int8pack_mm(x_bf16, self.weight, self.scales)
         return out if self.correction is None else self._corrected(out, x)
 
