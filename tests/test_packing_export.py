@@ -149,11 +149,12 @@ def test_weight_cache_is_opt_in_and_exact():
     layer = PackedLinear.from_codes(*quantize_weight_codes(weight, 3, upper, lower, 32), None, bits=3, group_size=32)
     x = torch.randn(4, 48)
     plain = layer(x)
-    assert layer._cache is None
+    assert layer.working.nbytes() == 0
     assert set_weight_cache(layer, True) == 1
-    assert torch.equal(layer(x), plain) and layer._cache is not None
+    assert torch.equal(layer(x), plain) and layer.working.weight is not None
     set_weight_cache(layer, False)
-    assert layer._cache is None
+    assert layer.working.weight is None
+    assert torch.equal(layer(x), plain) and layer.working.nbytes() == 0
 
 
 # ------------------------------------------------------------------------------------------ export / load

@@ -11,8 +11,9 @@ a transformers folder with packed weights that ``from_pretrained`` loads through
 from .codec import pack, packed_cols, unpack
 from .export import QuantizedLinear, export, pack_model, quantize_layers, resolve_plan
 from .freeze import freeze
-from .frozen import WEIGHT_FORMS, FrozenLinear, set_weight_form
-from .linear import PackedLinear, dequantize_codes, set_weight_cache
+from .frozen import FrozenLinear
+from .linear import PackedLinear, set_weight_cache
+from .working import WEIGHT_FORMS, dequantize_codes, set_weight_form
 
 __all__ = [
     "WEIGHT_FORMS",

@@ -12,16 +12,10 @@ keeps the float weight, MB-CLoRA factors and clipping logits in memory. Freezing
 * ``bias``.
 
 Switching (`set_bits`) never touches a quantizer or a low-rank product: it derives the active width's WORKING
-FORM from its stored codes, once, and every forward uses it until the next switch. Three working forms
-(`WEIGHT_FORMS`, set per model by `quept_hf.set_weight_form`):
-
-* ``"dequantized"`` (default): ``s * (q - z)`` in the model's dtype, bitwise the elastic model's fake-quant weight,
-  so the logits equal the elastic model's exactly. Resident: the kept codes plus one float copy of one width.
-* ``"kernel"``: the active codes in a low-bit matmul kernel's layout (`quept_hf.packing.kernels`: int4 for 2..4
-  bits, int8 for 5..8 bits on CPU with bf16 activations); layers no kernel supports fall back to
-  ``"dequantized"``. Resident: the kept codes plus a 4- or 8-bit copy of one width. Differs from the reference by
-  the kernel's arithmetic (bf16 activations).
-* ``"none"``: no working copy; each forward dequantizes (smallest memory, slowest).
+FORM from its stored codes, once, and every forward uses it until the next switch (`quept_hf.packing.working`):
+``"dequantized"`` (default: bitwise the elastic model's fake-quant weight, so logits equal the elastic model's),
+``"kernel"`` (low-bit CPU kernels, bf16 arithmetic) or ``"none"`` (no copy), set by `quept_hf.set_weight_form`.
+Resident: the kept codes plus one working copy of one width.
 """
 
 from __future__ import annotations
@@ -34,60 +28,13 @@ from torch import nn
 
 from ..nn.functional import fake_quantize_activation, fake_quantize_activation_static, num_groups
 from .codec import MAX_BITS, MIN_BITS, packed_cols, unpack
-from .linear import dequantize_codes
+from .working import WEIGHT_FORMS, WorkingWeight, dequantize_codes, versions
 
-__all__ = ["WEIGHT_FORMS", "FrozenLinear", "WorkingWeight", "set_weight_form"]
-
-WEIGHT_FORMS = ("dequantized", "kernel", "none")
+__all__ = ["FrozenLinear"]
 
 
 def _frozen(tensor: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(tensor, requires_grad=False)
-
-
-class WorkingWeight:
-    """What a forward multiplies by: derived from one width's codes on a switch, dropped on the next one.
-
-    Shared by `FrozenLinear` (many widths) and `quept_hf.packing.linear.PackedLinear` (one): both hold codes,
-    scales and zero points, and both pick the form by ``weight_form``.
-    """
-
-    def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.weight: torch.Tensor | None = None  # "dequantized"
-        self.kernel: Callable[[torch.Tensor], torch.Tensor] | None = None  # "kernel"
-
-    def clear(self) -> None:
-        self.key, self.weight, self.kernel = None, None, None
-
-    def ensure(self, key: tuple, form: str, codes: Callable[[], tuple]) -> None:
-        """(Re)derive the working form when ``key`` (width, tensor versions, form) changed since the last call."""
-        if self.key == key:
-            return
-        self.clear()
-        if form == "none":
-            self.key = key
-            return
-        with torch.no_grad():
-            q, scales, zeros, bits, group_size = codes()
-            if form == "kernel":
-                from .kernels import prepare_kernel
-
-                self.kernel = prepare_kernel(q, scales, zeros, bits, group_size)
-            if self.kernel is None:
-                self.weight = dequantize_codes(q, scales, zeros, group_size)
-        self.key = key
-
-    def nbytes(self) -> int:
-        """Resident bytes of the working form (0 for ``"none"``)."""
-        if self.kernel is not None:
-            return int(self.kernel.nbytes())
-        return 0 if self.weight is None else self.weight.numel() * self.weight.element_size()
-
-
-def versions(*tensors: torch.Tensor) -> tuple:
-    """In-place version counters and storage addresses: they change whenever a tensor's values may have (loading)."""
-    return tuple(v for t in tensors for v in (t._version, t.data_ptr()))
 
 
 class FrozenLinear(nn.Module):
@@ -222,18 +169,3 @@ class FrozenLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"kept bits={self.bits}, active_bits={self.active_bits}, mode={mode}, weight_form={self.weight_form}"
         )
-
-
-def set_weight_form(model: nn.Module, form: str) -> int:
-    """Run every `FrozenLinear` (and `PackedLinear`) of ``model`` with working form ``form`` (`WEIGHT_FORMS`).
-
-    ``"dequantized"``: exact (the elastic model's logits); ``"kernel"``: low-bit matmul kernels where a layer's
-    shape and width allow one (smaller and faster on CPU for decoding, bf16 arithmetic); ``"none"``: no working
-    copy (smallest). Returns the number of layers set.
-    """
-    if form not in WEIGHT_FORMS:
-        raise ValueError(f"set_weight_form: form={form!r} is unknown; allowed: {list(WEIGHT_FORMS)}")
-    layers = [m for m in model.modules() if hasattr(m, "set_weight_form") and hasattr(m, "qweight")]
-    for layer in layers:
-        layer.set_weight_form(form)
-    return len(layers)

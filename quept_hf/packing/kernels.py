@@ -13,7 +13,8 @@ Which kernel (`kernel_support` says why none):
   ``(u - 8) * scale + zero`` for a nibble ``u``. QuEPT's ``s * (q - z)`` maps to ``u = q + c``, ``zero = s * (8 -
   c - z)`` with a per-group shift ``c = clamp(8 - z, 0, 16 - 2^b)``: below 4 bits that makes ``zero`` exactly 0
   (no bf16 rounding of a zero term that cancels most of the weight). Needs ``out_features % 16 == 0`` and
-  ``in_features`` a multiple of the group: no partial last group.
+  QuEPT groups that split into kernel groups: ``gcd(group_size, in_features)`` a multiple of 32, so a partial
+  last group works when it is one (SmolLM2's 576 columns in groups of 128: kernel groups of 64).
 * ``"int8pack"`` (per-channel, any width, ``in_features % 16 == 0``; used for 5..8 bits and for 2..4-bit shapes
   int4 rejects):
   ``torch.ops.aten._weight_int8pack_mm`` (``x @ (w * scale).T``) on ``w = q - c`` (int8) with a per-row shift
@@ -37,6 +38,7 @@ of relative size 2^-9, so outputs match the float64 reference to well under 1% o
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -89,10 +91,12 @@ def kernel_support(
         if in_features % 16:  # the AVX512 int8 kernel steps K by 16 with aligned loads: other K read past rows
             return None, f"in_features={in_features} is not a multiple of 16 (int8 kernel)"
         return "int8pack", "per-channel, int8"
-    if in_features % group_size:
-        return None, f"in_features={in_features} leaves a partial last group of {in_features % group_size}"
-    if _kernel_group(group_size) is None:
-        return None, f"group_size={group_size} is not a multiple of 32 (int4 kernel groups {INT4_GROUP_SIZES})"
+    if _kernel_group(math.gcd(group_size, in_features)) is None:
+        last = in_features % group_size or group_size
+        return None, (
+            f"group_size={group_size} (last group {last} of in_features={in_features}) is not a multiple of 32: "
+            f"int4 kernel groups are {INT4_GROUP_SIZES}"
+        )
     if out_features % 16:
         return None, f"out_features={out_features} is not a multiple of 16 (int4 kernel)"
     return ("int4pack", "grouped, int4") if bits <= 4 else ("int4x2pack", "grouped 5..8 bits, two int4 nibbles")
@@ -276,18 +280,18 @@ def prepare_kernel(
     max_tokens = MAX_TOKENS[name] if max_tokens == -1 else max_tokens
     prepare = {"int8pack": _prepare_int8, "int4pack": _prepare_int4, "int4x2pack": _prepare_int4x2}[name]
     with torch.no_grad():
-        return prepare(codes, scales.float(), zeros.float().round(), bits, max_tokens)
+        return prepare(codes, scales.float(), zeros.float().round(), bits, group_size, max_tokens)
 
 
 def _shift_codes(codes: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """``codes + shift`` per (row, group) in uint8 arithmetic (wraps mod 256: callers keep results in range)."""
+    """``codes + shift`` per (row, equal group) in uint8 arithmetic (wraps mod 256: callers keep results in range)."""
     out_features, in_features = codes.shape
     groups = shift.shape[1]
     shift = shift.to(torch.int16).remainder(256).to(torch.uint8).unsqueeze(-1)
     return codes.reshape(out_features, groups, in_features // groups).add(shift).reshape(codes.shape)
 
 
-def _prepare_int8(codes, scales, zeros, bits: int, max_tokens: int | None) -> Int8Kernel:
+def _prepare_int8(codes, scales, zeros, bits: int, group_size: int, max_tokens: int | None) -> Int8Kernel:
     shift = zeros.clamp(2**bits - 128, 128)
     # uint8 wrap-around then a bit reinterpretation: int8(q - c) in one pass, no wider temporary.
     weight = _shift_codes(codes, -shift).view(torch.int8)
@@ -296,38 +300,37 @@ def _prepare_int8(codes, scales, zeros, bits: int, max_tokens: int | None) -> In
     return Int8Kernel(weight, scales.squeeze(1).to(torch.bfloat16), correction, bits, max_tokens)
 
 
-def _scales_and_zeros(scales: torch.Tensor, zero_terms: torch.Tensor, repeat: int) -> torch.Tensor:
-    """``(out, groups)`` fp32 scales and zero terms -> the op's bf16 ``(groups * repeat, out, 2)``."""
-    both = torch.stack([scales, zero_terms], dim=-1).to(torch.bfloat16)
-    if repeat > 1:
-        both = both.repeat_interleave(repeat, dim=1)
-    return both.transpose(0, 1).contiguous()
+def _scales_and_zeros(scales: torch.Tensor, zero_terms: torch.Tensor) -> torch.Tensor:
+    """``(out, kernel groups)`` fp32 scales and zero terms -> the op's bf16 ``(kernel groups, out, 2)``."""
+    return torch.stack([scales, zero_terms], dim=-1).to(torch.bfloat16).transpose(0, 1).contiguous()
 
 
-def _span(in_features: int, groups: int) -> int:
-    """Input columns per QuEPT group (the whole row when per-channel)."""
-    return in_features if groups == 1 else in_features // groups
+def _int4_groups(scales: torch.Tensor, zeros: torch.Tensor, in_features: int, group_size: int):
+    """The kernel group and the QuEPT ``(out, groups)`` scales and zeros repeated per kernel group: a QuEPT group
+    of ``group_size`` (or the whole row) spans several kernel groups, the shorter last one fewer."""
+    groups = scales.shape[1]
+    span = in_features if groups == 1 else group_size
+    group = _kernel_group(math.gcd(span, in_features))
+    spans = [span // group] * (groups - 1) + [(in_features - span * (groups - 1)) // group]
+    repeats = torch.tensor(spans, device=scales.device)
+    return group, scales.repeat_interleave(repeats, dim=1), zeros.repeat_interleave(repeats, dim=1)
 
 
-def _prepare_int4(codes, scales, zeros, bits: int, max_tokens: int | None) -> Int4Kernel:
-    span = _span(codes.shape[1], scales.shape[1])
-    group = _kernel_group(span)
+def _prepare_int4(codes, scales, zeros, bits: int, group_size: int, max_tokens: int | None) -> Int4Kernel:
+    group, scales, zeros = _int4_groups(scales, zeros, codes.shape[1], group_size)
     shift = (8 - zeros).clamp(0, 16 - 2**bits)
     scales = scales.to(torch.bfloat16).float()  # the zero term from the scale the kernel will use
-    nibbles = _shift_codes(codes, shift).to(torch.int32)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 2)
-    scales_and_zeros = _scales_and_zeros(scales, scales * (8 - shift - zeros), span // group)
-    return Int4Kernel(packed, scales_and_zeros, group, bits, max_tokens)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_shift_codes(codes, shift).to(torch.int32), 2)
+    return Int4Kernel(packed, _scales_and_zeros(scales, scales * (8 - shift - zeros)), group, bits, max_tokens)
 
 
-def _prepare_int4x2(codes, scales, zeros, bits: int, max_tokens: int | None) -> Int4Kernel:
-    span = _span(codes.shape[1], scales.shape[1])
-    group = _kernel_group(span)
+def _prepare_int4x2(codes, scales, zeros, bits: int, group_size: int, max_tokens: int | None) -> Int4Kernel:
+    group, scales, zeros = _int4_groups(scales, zeros, codes.shape[1], group_size)
     shift = zeros.clamp(2**bits - 1 - (255 - _OFFSET), _OFFSET)
     shifted = _shift_codes(codes, _OFFSET - shift)  # u = q - c + 136, in [0, 255]
     nibbles = torch.cat([shifted >> 4, shifted & 15], dim=1).to(torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 2)
     scales = scales.to(torch.bfloat16).float()
-    high = _scales_and_zeros(scales * 16, torch.zeros_like(scales), span // group)
-    low = _scales_and_zeros(scales, scales * (shift - zeros), span // group)
+    high = _scales_and_zeros(scales * 16, torch.zeros_like(scales))
+    low = _scales_and_zeros(scales, scales * (shift - zeros))
     return Int4Kernel(packed, torch.cat([high, low]), group, bits, max_tokens, repeat=2)

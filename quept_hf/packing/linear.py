@@ -12,9 +12,11 @@ Storage per layer (all of it loaded from the checkpoint, nothing float of the we
 
 The forward pass unpacks, dequantizes ``W = s * (q - z)`` with the arithmetic of
 `quept_hf.nn.functional.fake_quantize_weight` (a bitwise-identical weight) and runs ``F.linear``, so a packed
-model reproduces the fake-quant model's logits. Nothing large is cached by default, so the resident size stays
-the packed size; the transient float weight of ONE layer exists during its matmul. ``cache_dequantized = True``
-keeps that float weight instead (float-model speed, float-model memory): see `set_weight_cache`.
+model reproduces the fake-quant model's logits. Nothing large is kept by default (weight form ``"none"``), so the
+resident size stays the packed size; the transient float weight of ONE layer exists during its matmul.
+`quept_hf.set_weight_form` picks another working form (`quept_hf.packing.working`): ``"kernel"`` runs low-bit
+CPU kernels on a 4- or 8-bit copy of the codes (faster than float for decoding, near the packed size),
+``"dequantized"`` keeps the float weight (float-model speed and memory).
 """
 
 from __future__ import annotations
@@ -27,27 +29,9 @@ from torch import nn
 
 from ..nn.functional import fake_quantize_activation, fake_quantize_activation_static, num_groups
 from .codec import MAX_BITS, MIN_BITS, pack, packed_cols, unpack
+from .working import WEIGHT_FORMS, WorkingWeight, dequantize_codes, versions
 
 __all__ = ["PackedLinear", "dequantize_codes", "set_weight_cache"]
-
-
-def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``s * (q - z)`` per (row, group): the fake quantizer's arithmetic, so the result is bitwise identical.
-
-    The last group may be shorter than ``group_size`` (``in_features`` not a multiple of it): the fake
-    quantizer pads it to a whole group before dequantizing and slices afterwards, so this does too, which
-    keeps the result bitwise identical.
-    """
-    out_features, in_features = codes.shape
-    groups = scales.shape[1]
-    size = in_features if groups == 1 else group_size
-    pad = groups * size - in_features
-    values = F.pad(codes, (0, pad)).to(scales.dtype) if pad else codes.to(scales.dtype)
-    grouped = values.view(out_features, groups, size)
-    # In place, to touch the (layer-sized) buffer as few times as possible; (c - z) is exact in float, and
-    # ``x * s`` rounds exactly like the fake quantizer's ``s * x``.
-    grouped.sub_(zeros.unsqueeze(-1)).mul_(scales.unsqueeze(-1))
-    return grouped.view(out_features, -1)[:, :in_features]
 
 
 class PackedLinear(nn.Module):
@@ -96,8 +80,8 @@ class PackedLinear(nn.Module):
         if activation_bits is not None and activation_granularity == "per_tensor":
             self.act_log_step = nn.Parameter(torch.empty((), dtype=dtype, device=device), requires_grad=False)
         self.input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self.cache_dequantized = False
-        self._cache: tuple[tuple, torch.Tensor] | None = None
+        self.weight_form = "none"
+        self.working = WorkingWeight()
 
     @classmethod
     def from_codes(
@@ -162,18 +146,26 @@ class PackedLinear(nn.Module):
         return fake_quantize_activation(x, self.activation_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self._weight()
-        return F.linear(self.quantize_input(x), weight.to(x.dtype), self.bias)
+        x = self.quantize_input(x)
+        self.working.ensure(self._working_key(), self.weight_form, self._active)
+        if self.working.kernel is not None:
+            out = self.working.kernel(x)
+            return out if self.bias is None else out + self.bias.to(out.dtype)
+        weight = self.working.weight if self.working.weight is not None else self.dequantized_weight()
+        return F.linear(x, weight.to(x.dtype), self.bias)
 
-    def _weight(self) -> torch.Tensor:
-        if not self.cache_dequantized:
-            self._cache = None
-            return self.dequantized_weight()
-        key = tuple((p._version, p.data_ptr()) for p in (self.qweight, self.scales, self.zeros))
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                self._cache = (key, self.dequantized_weight())
-        return self._cache[1]
+    def set_weight_form(self, form: str) -> None:
+        """Working form of the codes (`quept_hf.packing.working.WEIGHT_FORMS`), derived on the next forward."""
+        if form not in WEIGHT_FORMS:
+            raise ValueError(f"weight_form={form!r} is unknown; allowed: {list(WEIGHT_FORMS)}")
+        self.weight_form = form
+        self.working.clear()
+
+    def _working_key(self) -> tuple:
+        return (self.weight_form, *versions(self.qweight, self.scales, self.zeros))
+
+    def _active(self) -> tuple:
+        return self.codes(), self.scales, self.zeros, self.bits, self.group_size
 
     # ---------------------------------------------------------------------------------------------- sizes
     def storage_bytes(self) -> int:
@@ -191,16 +183,10 @@ class PackedLinear(nn.Module):
 
 
 def set_weight_cache(model: nn.Module, enabled: bool) -> int:
-    """Keep (``True``) or drop (``False``) each `PackedLinear`'s dequantized float weight between calls.
-
-    Caching trades the memory saving away for speed: every layer then also holds its float weight (the float
-    model's size on top of the packed one), and each forward is a plain matmul. Useful for long ``generate``
-    runs on a machine that has the memory; the default (off) keeps the resident size at the packed size and
-    re-dequantizes each layer on every forward. Returns the number of layers changed.
+    """Keep (``True``: weight form ``"dequantized"``) or drop (``False``: ``"none"``) each `PackedLinear`'s float
+    weight between calls; `quept_hf.set_weight_form` offers ``"kernel"`` too. Returns the number of layers changed.
     """
     layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
     for layer in layers:
-        layer.cache_dequantized = bool(enabled)
-        if not enabled:
-            layer._cache = None
+        layer.set_weight_form("dequantized" if enabled else "none")
     return len(layers)
