@@ -7,6 +7,8 @@ cases is ~0.6%. A wrong offset, zero convention or group mapping gives errors of
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -20,7 +22,7 @@ pytestmark = pytest.mark.skipif(not kernels._ops_available(), reason="torch lack
 TOLERANCE = 1e-2
 ALL_BITS = range(2, 9)
 GROUP_SIZES = (-1, 32, 64, 128)
-SHAPES = ((64, 256), (48, 192))  # (out, in)
+SHAPES = ((64, 256), (48, 192))  # (out, in); 192 in groups of 128: a partial last group of 64
 
 
 def _random_layer(out_features: int, in_features: int, bits: int, group_size: int, seed: int = 0, spread: int = 3):
@@ -47,7 +49,7 @@ def _expected_kernel(out_features: int, in_features: int, bits: int, group_size:
         if bits <= 4 and out_features % 16 == 0 and any(in_features % g == 0 for g in (32, 64, 128, 256)):
             return "int4pack"
         return "int8pack" if in_features % 16 == 0 else None
-    if in_features % group_size or group_size % 32 or out_features % 16:
+    if math.gcd(group_size, in_features) % 32 or out_features % 16:  # kernel groups of 32..256 tile every group
         return None
     return "int4pack" if bits <= 4 else "int4x2pack"
 
@@ -124,8 +126,8 @@ def test_int8_below_8_bits_needs_no_correction() -> None:
 @pytest.mark.parametrize(
     "shape,bits,group_size,reason",
     [
-        ((64, 100), 4, 64, "partial last group"),
-        ((64, 200), 6, 64, "partial last group"),
+        ((64, 100), 4, 64, "multiple of 32"),  # last group of 36
+        ((64, 200), 6, 64, "multiple of 32"),  # last group of 8
         ((64, 256), 3, 16, "multiple of 32"),
         ((40, 256), 4, 64, "multiple of 16"),
         ((64, 256), 9, -1, "outside"),
@@ -183,3 +185,14 @@ def test_unaligned_bf16_input_view(bits: int, group_size: int) -> None:
     x = flat[1 : 1 + 3 * 256].view(3, 256)
     assert x.data_ptr() % 64
     assert _relative_error(kernel(x), _reference(x, codes, scales, zeros, group_size)) < TOLERANCE
+
+
+@pytest.mark.parametrize("bits", (3, 6))
+def test_partial_last_group_of_smollm2_shape(bits: int) -> None:
+    """QuEPT's default group 128 on SmolLM2's 576 columns leaves a last group of 64: kernel groups of 64."""
+    codes, scales, zeros = _random_layer(64, 576, bits, 128)
+    assert scales.shape[1] == 5
+    kernel = prepare_kernel(codes, scales, zeros, bits, 128, max_tokens=None)
+    assert kernel.group == 64
+    x = torch.randn(3, 576, generator=torch.Generator().manual_seed(7))
+    assert _relative_error(kernel(x), _reference(x, codes, scales, zeros, 128)) < TOLERANCE
