@@ -128,7 +128,7 @@ def measure(shape, config, tokens: list[int], args) -> list[dict]:
 
 
 def sweep(args) -> list[dict]:
-    """Low-bit op vs decode-to-bf16 + bf16 F.linear over token counts: the crossover behind ``MAX_TOKENS``."""
+    """Low-bit op vs decode-to-bf16 + bf16 F.linear over token counts (hot): the crossover behind ``MAX_TOKENS``."""
     rows = []
     for shape in [(1536, 576), (576, 1536)]:
         for bits, group_size in [(4, -1), (3, 128), (8, -1), (8, 128)]:
@@ -136,7 +136,7 @@ def sweep(args) -> list[dict]:
             lowbit = prepare_kernel(codes, scales, zeros, bits, group_size, max_tokens=None)
             dense = prepare_kernel(codes, scales, zeros, bits, group_size, max_tokens=0)
             weight = dequantize_codes(codes, scales, zeros, group_size)
-            for n in [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256]:
+            for n in [1, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512]:
                 x = torch.randn(n, shape[1])
                 row = dict(shape=f"{shape[0]}x{shape[1]}", bits=bits, group=group_size, name=lowbit.name, tokens=n)
                 row.update(

@@ -60,7 +60,7 @@ __all__ = [
 INT4_GROUP_SIZES = (256, 128, 64, 32)
 # Rows of x above which decoding the weight to bf16 + bf16 F.linear beats the low-bit kernel (measured crossovers,
 # benchmarks/lowbit_kernels.py): int8's dense form is a cast, int4's an unpack + dequantize, so theirs differ.
-MAX_TOKENS = {"int4pack": 48, "int4x2pack": 24, "int8pack": 8}
+MAX_TOKENS = {"int4pack": 96, "int4x2pack": 128, "int8pack": 16}
 _OFFSET = 136  # 16 * 8 + 8: the two-nibble split's offset, so that 16 (hi - 8) + (lo - 8) = u - 136
 
 
@@ -206,13 +206,15 @@ class Int4Kernel(LowBitKernel):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x_bf16, self.packed, self.group, self.scales_and_zeros)
 
     def dense_weight(self) -> torch.Tensor:
-        out_features, cols = self.packed.shape[0], self.packed.shape[1] * 2
-        nibbles = _unpack_int4(self.packed, _int4_layout()).view(out_features, cols // self.group, self.group)
-        scales, zero_terms = self.scales_and_zeros.transpose(0, 1).float().unsqueeze(-1).unbind(-2)
-        weight = nibbles.float().sub_(8).mul_(scales).add_(zero_terms).view(out_features, cols)
-        if self.repeat > 1:
-            weight = weight.view(out_features, self.repeat, -1).sum(1)
-        return weight.to(torch.bfloat16)
+        out_features, cols = self.out_features, self.in_features
+        nibbles, offset = _unpack_int4(self.packed, _int4_layout()), 8
+        scales_and_zeros = self.scales_and_zeros
+        if self.repeat > 1:  # the two nibbles back into u = 16 hi + lo: 16 s (hi - 8) + s (lo - 8) = s (u - 136)
+            nibbles = (nibbles[:, :cols] << 4).bitwise_or_(nibbles[:, cols:])
+            scales_and_zeros, offset = scales_and_zeros[scales_and_zeros.shape[0] // 2 :], _OFFSET
+        scales, zero_terms = scales_and_zeros.transpose(0, 1).float().unsqueeze(-1).unbind(-2)
+        weight = nibbles.reshape(out_features, cols // self.group, self.group).float()
+        return weight.sub_(offset).mul_(scales).add_(zero_terms).view(out_features, cols).to(torch.bfloat16)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.packed, self.scales_and_zeros]
