@@ -39,6 +39,12 @@ DEFAULT_LR_SCALING = {"weight_only": "step", "weight_activation": "none"}
 MAX_LR = 1.0  # a larger Adam step moves a weight by more than its whole quantization range
 MAX_SEED = 2**32 - 1  # numpy's seed range; torch generators take it too
 
+# What the saved tensors depend on (how they were made and how loading reads them): a config.json edited in these
+# fields no longer describes the weights (`quept_hf.serialization` keeps their digests in the safetensors metadata).
+FORMAT_FIELDS = (
+    "mode", "bits", "bit_groups", "group_size", "rotation", "kv_bits", "quantize_attention_probs",
+    "quantize_vision_tower", "modules_to_not_convert", "packed", "frozen", "format_version",
+)  # fmt: skip
 # Run-time inputs: used by calibration, never serialised into config.json.
 RUNTIME_FIELDS = ("dataset", "tokenizer", "image_processor", "processor")
 
@@ -565,6 +571,11 @@ class QuEPTConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"QuEPTConfig.frozen['per_tensor_activations'] must list frozen modules, got {per_tensor!r}"
             )
+
+    def format_fields(self) -> dict[str, Any]:
+        """The JSON form of `FORMAT_FIELDS`: what a checkpoint's tensors depend on."""
+        out = self.to_dict()
+        return {name: out[name] for name in FORMAT_FIELDS}
 
     @property
     def is_frozen(self) -> bool:

@@ -55,6 +55,8 @@ from .quantizer import quept_linears
 from .serialization import (
     _BoundOverride,
     _unwrap,
+    check_adapter_format,
+    check_adapter_source,
     elastic_adapter,
     install_elastic_save,
     pushing_to,
@@ -97,11 +99,17 @@ def install(model: nn.Module) -> None:
 
 
 def _checked_load_adapter(self, *args, **kwargs):
-    """transformers' ``load_adapter``, then a ValueError naming any MB-CLoRA slice the checkpoint lacked."""
+    """transformers' ``load_adapter``, refusing what would load a wrong model: a quept_hf folder without its
+    config.json (the base would come from elsewhere), an ``adapter_config.json`` edited after saving, and any
+    MB-CLoRA slice the checkpoint lacked."""
+    source = args[0] if args else kwargs.get("peft_model_id")
+    check_adapter_source(source)
     info = type(self).load_adapter(self, *args, **kwargs)
     found = elastic_adapter(self)
     if found is not None and info is not None:
         check_slices_loaded(getattr(info, "missing_keys", ()), found[1], found[0])
+    if found is not None:
+        check_adapter_format(source, found[1], getattr(self.config, "_commit_hash", None))
     return info
 
 

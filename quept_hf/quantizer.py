@@ -214,6 +214,7 @@ class QuEPTHfQuantizer(HfQuantizer):
         layers = quept_linears(model)
         if self.pre_quantized:
             _check_loaded(layers)
+            _check_saved_files(model, config)
             from .mixed_precision import attach_saved_sensitivity
 
             attach_saved_sensitivity(model)
@@ -369,3 +370,11 @@ def _drop_previous_quantization(model: nn.Module) -> None:
         if hasattr(model, attr):
             delattr(model, attr)
     model.is_quantized = False
+
+
+def _check_saved_files(model: nn.Module, config: QuEPTConfig) -> None:
+    """An elastic checkpoint's config.json must still describe its weights, and the adapter it lists must be there
+    (`quept_hf.serialization.check_loaded_checkpoint`)."""
+    from .serialization import check_loaded_checkpoint
+
+    check_loaded_checkpoint(model, config)

@@ -31,18 +31,25 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import fnmatch
 import functools
+import hashlib
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from peft.utils.constants import CONFIG_NAME as ADAPTER_CONFIG_NAME
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .atomic import staged_folder
+from .config import QuEPTConfig
 from .mbclora.config import MBCLoRAConfig
 from .mbclora.layer import MBCLoRALayer
 
@@ -54,6 +61,17 @@ _HUB_ARGS = (
 
 # transformers' ``save_pretrained`` parameters after ``save_directory``, in order (for positional calls).
 _SAVE_PRETRAINED_POSITIONAL = ("is_main_process", "state_dict", "push_to_hub", "max_shard_size", "variant", "token")
+
+# What a save owns in its folder: weights of any format and sharding, their indexes, configs, the adapter, the
+# quality plot, temporary files. A save over an existing folder replaces these as a whole; it keeps the rest.
+MODEL_FILES = (
+    "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth", "config.json",
+    "generation_config.json", ADAPTER_CONFIG_NAME, "quality_vs_bits.png", ".quept-*", ".*.tmp",
+)  # fmt: skip
+
+FORMAT_KEY = "quept_format"  # safetensors metadata: {field: digest} of the config fields the tensors depend on
+BASE_KEY, BASE_IN_FOLDER = "quept_base", "same-folder"  # adapter metadata: the base weights sit next to it
+ADAPTER_FORMAT_FIELDS = ("bit_groups", "ranks", "default_bits", "cascade", "target_modules")
 
 _MISSING = object()
 # Instance attribute holding the base model's own ``_weight_conversions`` (see `_saving_as_plain_model`).
@@ -164,13 +182,14 @@ def save_elastic(
 
     to_save = base_state_dict(base, full)
     _stamp_metadata(base)
-    with _saving_as_plain_model(base, to_save):
-        type(base).save_pretrained(base, save_directory, is_main_process=is_main_process, state_dict=to_save, **kwargs)
-    if is_main_process:
-        target = base_model_name_or_path or _PUSHING_TO.get() or save_directory
-        _write_adapter(base, adapter_name, config, save_directory, adapter_state_dict(base, adapter_name, full), target)
-        _write_sensitivity(base, save_directory)
-        _write_card(base, save_directory)
+    with staged_save(save_directory, is_main_process) as folder:
+        with _saving_as_plain_model(base, to_save):
+            type(base).save_pretrained(base, folder, is_main_process=is_main_process, state_dict=to_save, **kwargs)
+        if is_main_process:
+            target = base_model_name_or_path or _PUSHING_TO.get() or save_directory
+            _write_adapter(base, adapter_name, config, folder, adapter_state_dict(base, adapter_name, full), target)
+            _write_sensitivity(base, folder)
+            _write_card(base, folder, save_directory)
     if push_to_hub:
         repo_id = repo_id or os.path.basename(os.path.normpath(save_directory))
         _elastic_push_to_hub(base, repo_id, max_shard_size=kwargs.get("max_shard_size", "50GB"), **hub_args)
@@ -194,28 +213,42 @@ def _saving_as_plain_model(model: nn.Module, state_dict: dict[str, torch.Tensor]
     conversions = vars(model).get("_weight_conversions", _MISSING)
     if _BASE_CONVERSIONS in vars(model):  # None: transformers then uses the class's default conversions
         model._weight_conversions = vars(model)[_BASE_CONVERSIONS]
-    quantizer = getattr(model, "hf_quantizer", None)
-    shadowed = quantizer is not None and "get_state_dict_and_metadata" in vars(quantizer)
-    previous = vars(quantizer).get("get_state_dict_and_metadata") if quantizer is not None else None
-    if quantizer is not None:
-        original = quantizer.get_state_dict_and_metadata
-
-        def base_only(target: nn.Module):
-            own, metadata = original(target)
-            return (state_dict if own is None else base_state_dict(target, own)), metadata
-
-        quantizer.get_state_dict_and_metadata = base_only
     model._hf_peft_config_loaded = False
     try:
-        yield
+        with _quantizer_state_dict(model, state_dict):
+            yield
     finally:
         model._hf_peft_config_loaded = peft_flag
         _set_or_delete(model, "_weight_conversions", conversions)
-        if quantizer is not None:
-            if shadowed:
-                quantizer.get_state_dict_and_metadata = previous
-            else:
-                del quantizer.get_state_dict_and_metadata
+
+
+@contextlib.contextmanager
+def _quantizer_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
+    """While saving, the quantizer's ``get_state_dict_and_metadata`` (the public hook transformers asks for the
+    tensors and the safetensors metadata) answers ``state_dict`` when given (or its own state dict, renamed as
+    `base_state_dict` does) and adds the format digests (`FORMAT_KEY`) that loading checks config.json against."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        yield
+        return
+    shadowed = "get_state_dict_and_metadata" in vars(quantizer)
+    previous = vars(quantizer).get("get_state_dict_and_metadata")
+    original = quantizer.get_state_dict_and_metadata
+
+    def with_format(target: nn.Module):
+        own, metadata = original(target)
+        if state_dict is not None:
+            own = state_dict if own is None else base_state_dict(target, own)
+        return own, {**(metadata or {}), **_format_metadata(_quept_fields(target))}
+
+    quantizer.get_state_dict_and_metadata = with_format
+    try:
+        yield
+    finally:
+        if shadowed:
+            quantizer.get_state_dict_and_metadata = previous
+        else:
+            del quantizer.get_state_dict_and_metadata
 
 
 def _set_or_delete(model: nn.Module, name: str, value: object) -> None:
@@ -243,7 +276,8 @@ def _write_adapter(
     os.makedirs(save_directory, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".quept-adapter-", dir=save_directory)
     try:
-        save_file(tensors, os.path.join(staging, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        metadata = {"format": "pt", BASE_KEY: BASE_IN_FOLDER, **_format_metadata(_adapter_fields(config))}
+        save_file(tensors, os.path.join(staging, ADAPTER_WEIGHTS_NAME), metadata=metadata)
         config.save_pretrained(staging, auto_mapping_dict=auto_mapping)
         for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
             os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
@@ -266,11 +300,32 @@ def _stamp_metadata(model: nn.Module) -> None:
     stamp_metadata(model)
 
 
-def _write_card(model: nn.Module, save_directory: str | os.PathLike) -> None:
-    """README.md (+ quality plot) next to the weights (`quept_hf.hub.write_card_files`)."""
+def _write_card(model: nn.Module, folder: str | os.PathLike, save_directory: str | os.PathLike) -> None:
+    """README.md (+ quality plot) next to the weights in ``folder`` (`quept_hf.hub.write_card_files`), naming the
+    folder the save ends up in."""
     from .hub import write_card_files
 
-    write_card_files(model, save_directory)
+    write_card_files(model, folder, repo_id=os.fspath(save_directory))
+
+
+@contextlib.contextmanager
+def staged_save(save_directory: str | os.PathLike, is_main_process: bool = True) -> Iterator[str]:
+    """The folder a save writes into: a staging sibling of ``save_directory`` swapped in when the save is complete.
+
+    Saving over a folder in place mixed two saves when killed between transformers' weights and our adapter (new
+    base, old adapter, loaded without error), and a re-save with other sharding left the old ``model.safetensors``,
+    which loading prefers. Staged, the folder is wholly old or wholly new and holds no stale weight file; what the
+    save does not own (tokenizer files, README.md, the user's files) is carried over (`MODEL_FILES`). Other
+    processes of a distributed save write nothing and get ``save_directory`` itself."""
+    if not is_main_process:
+        yield os.fspath(save_directory)
+        return
+    with staged_folder(save_directory, carry=_carried) as folder:
+        yield folder
+
+
+def _carried(name: str) -> bool:
+    return not any(fnmatch.fnmatch(name, pattern) for pattern in MODEL_FILES)
 
 
 @contextlib.contextmanager
@@ -308,10 +363,12 @@ def _plain_save_pretrained(model: nn.Module, save_directory, push_to_hub: bool =
     `quept_hf.hub.push_to_hub` (transformers' would skip its checks and overwrite the card)."""
     hub_args = {name: kwargs.pop(name) for name in (*_HUB_ARGS, "repo_id") if name in kwargs}
     _stamp_metadata(model)
-    result = type(model).save_pretrained(model, save_directory, **kwargs)
-    if kwargs.get("is_main_process", True):
-        _write_sensitivity(model, save_directory)
-        _write_card(model, save_directory)
+    is_main_process = kwargs.get("is_main_process", True)
+    with staged_save(save_directory, is_main_process) as folder, _quantizer_state_dict(model):
+        result = type(model).save_pretrained(model, folder, **kwargs)
+        if is_main_process:
+            _write_sensitivity(model, folder)
+            _write_card(model, folder, save_directory)
     if push_to_hub:
         repo_id = hub_args.pop("repo_id", None) or os.path.basename(os.path.normpath(os.fspath(save_directory)))
         _elastic_push_to_hub(model, repo_id, max_shard_size=kwargs.get("max_shard_size", "50GB"), **hub_args)
@@ -358,3 +415,140 @@ def install_elastic_save(model: nn.Module) -> None:
         current = vars(model).get(name)
         if getattr(current, "__func__", None) is not function:
             setattr(model, name, _BoundOverride(function, model))
+
+
+# ------------------------------------------------------------------------- format records and load checks
+
+
+def _json_default(value: Any) -> Any:
+    return sorted(value) if isinstance(value, (set, frozenset)) else str(value)
+
+
+def _digests(fields: Mapping[str, Any]) -> dict[str, str]:
+    """A short sha256 per field of its canonical JSON: names a changed field without storing its value."""
+    return {
+        name: hashlib.sha256(json.dumps(value, sort_keys=True, default=_json_default).encode()).hexdigest()[:16]
+        for name, value in fields.items()
+    }
+
+
+def _format_metadata(fields: Mapping[str, Any]) -> dict[str, str]:
+    return {FORMAT_KEY: json.dumps(_digests(fields), sort_keys=True)} if fields else {}
+
+
+def _quept_fields(model: nn.Module) -> dict[str, Any]:
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    return config.format_fields() if isinstance(config, QuEPTConfig) else {}
+
+
+def _adapter_fields(config: MBCLoRAConfig) -> dict[str, Any]:
+    fields = {name: getattr(config, name) for name in ADAPTER_FORMAT_FIELDS}
+    if isinstance(fields["target_modules"], (list, tuple, set, frozenset)):  # peft may turn the list into a set
+        fields["target_modules"] = sorted(fields["target_modules"])
+    return fields
+
+
+def check_format(metadata: Mapping[str, str] | None, fields: Mapping[str, Any], where: str, record: str) -> None:
+    """Refuse a config whose format fields differ from the digests a safetensors file recorded when saved.
+
+    ``where`` names the config (``"config.json's quantization_config"``), ``record`` the file. A file without a
+    record (saved before quept_hf kept one, or by other tools) is not checked; fields only one side knows (another
+    quept_hf version) are skipped."""
+    raw = (metadata or {}).get(FORMAT_KEY)
+    if raw is None:
+        return
+    try:
+        stored = json.loads(raw)
+    except ValueError:
+        raise ValueError(f"{record}: its {FORMAT_KEY!r} metadata record is not JSON; the file is damaged") from None
+    current = _digests(fields)
+    changed = sorted(name for name in set(stored) & set(current) if stored[name] != current[name])
+    if changed:
+        raise ValueError(
+            f"{where} no longer describes the saved weights: field(s) {changed} differ from what {record} recorded "
+            "when it was saved (the config was edited after saving). Restore the saved values, or change these "
+            "settings on the live model and save it again."
+        )
+
+
+def _locate(source: str, filename: str, revision: str | None = None) -> str | None:
+    """Local path of a checkpoint's file: in a local folder or the Hub cache. ``""`` when the file is known to be
+    absent, ``None`` when that is unknown (a Hub file not in the cache)."""
+    if os.path.isdir(source):
+        path = os.path.join(source, filename)
+        return path if os.path.isfile(path) else ""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(source, filename, revision=revision)
+    except (ValueError, OSError):  # not a Hub repo id
+        return None
+    if isinstance(found, str):
+        return found
+    return "" if found is not None else None
+
+
+def _weights_file(source: str, revision: str | None) -> str | None:
+    """The (first shard's) safetensors file of a checkpoint; ``None`` for another layout (subfolder, variant)."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+    index = _locate(source, SAFE_WEIGHTS_INDEX_NAME, revision)
+    if index:
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f).get("weight_map", {}).values()))
+        return (_locate(source, shards[0], revision) or None) if shards else None
+    return _locate(source, SAFE_WEIGHTS_NAME, revision) or None
+
+
+def _metadata(path: str) -> dict[str, str]:
+    with safe_open(path, framework="pt") as f:
+        return f.metadata() or {}
+
+
+def check_loaded_checkpoint(model: nn.Module, config: QuEPTConfig) -> None:
+    """After an elastic checkpoint was loaded: its config.json still describes the weights (`check_format`), and
+    the MB-CLoRA adapter its metadata lists is there. A calibrated folder that lost ``adapter_config.json`` (or a
+    first save killed before the adapter was written) loaded as round-to-nearest without a word."""
+    source = getattr(model.config, "_name_or_path", None)
+    revision = getattr(model.config, "_commit_hash", None)
+    weights = _weights_file(source, revision) if source else None
+    if weights is None:
+        return
+    check_format(_metadata(weights), config.format_fields(), f"{source!r}: config.json's quantization_config", weights)
+    ranked = sorted(n for n, e in (config.adapters or {}).items() if isinstance(e, dict) and e.get("rank") is not None)
+    missing = [name for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME) if _locate(source, name, revision) == ""]
+    if ranked and missing:
+        raise ValueError(
+            f"The QuEPT checkpoint {source!r} lacks {missing}, but its config.json lists MB-CLoRA adapters "
+            f"{ranked[:4]} with ranks: without them the model would run round-to-nearest. Restore the missing "
+            "file(s) or save the model again."
+        )
+
+
+def check_adapter_source(peft_model_id: Any) -> None:
+    """Before ``load_adapter``: refuse a folder `save_elastic` wrote (base weights next to the adapter) whose
+    ``config.json`` is gone. transformers would take the base weights from ``adapter_config.json``'s
+    ``base_model_name_or_path``, the path of the first save, i.e. whatever sits there now."""
+    if not isinstance(peft_model_id, (str, os.PathLike)) or not os.path.isdir(peft_model_id):
+        return
+    folder = os.fspath(peft_model_id)
+    adapter = _locate(folder, ADAPTER_WEIGHTS_NAME)
+    if _locate(folder, "config.json") or not adapter or _metadata(adapter).get(BASE_KEY) != BASE_IN_FOLDER:
+        return
+    with open(os.path.join(folder, ADAPTER_CONFIG_NAME), encoding="utf-8") as f:
+        elsewhere = json.load(f).get("base_model_name_or_path")
+    raise ValueError(
+        f"{folder!r} holds a QuEPT elastic adapter saved with its base weights, but config.json is missing: the "
+        f"base would be loaded from {elsewhere!r} (adapter_config.json's base_model_name_or_path) instead of this "
+        "folder. Restore config.json (and the weights) in the folder, or save the model again."
+    )
+
+
+def check_adapter_format(peft_model_id: Any, config: MBCLoRAConfig, revision: str | None = None) -> None:
+    """After ``load_adapter``: ``adapter_config.json`` still describes the adapter tensors (`check_format`)."""
+    if not isinstance(peft_model_id, (str, os.PathLike)):
+        return
+    source = os.fspath(peft_model_id)
+    adapter = _locate(source, ADAPTER_WEIGHTS_NAME, revision)
+    if adapter:
+        check_format(_metadata(adapter), _adapter_fields(config), f"{source!r}: {ADAPTER_CONFIG_NAME}", adapter)

@@ -247,3 +247,190 @@ def test_damaged_block_file_is_refused_on_resume(tiny_llama_dir, tmp_path, damag
         block.unlink()
     with pytest.raises(ValueError, match=r"block file block_0000\.safetensors (is corrupted|is missing)"):
         calibrate(_elastic(tiny_llama_dir), _ids(), checkpoint_dir=str(folder))
+
+
+# ------------------------------------------------------------------------------------- saving and loading
+
+BITS_CHECKED = (2, 4, 8)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# A child that re-saves the folder it loads, changed, and is SIGKILLed by a hook at one point of the save.
+KILL_CHILD = r"""
+import os, signal, sys
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+import quept_hf
+from quept_hf import atomic, serialization
+
+folder, point, expected = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(folder).eval()
+with torch.no_grad():
+    for name, param in model.named_parameters():
+        if name.endswith(("q_proj.base_layer.weight", "mbclora_B.default")):
+            param.add_(0.05)
+logits = {}
+with torch.no_grad():
+    for bits in (2, 4, 8):
+        quept_hf.set_bits(model, bits)
+        logits[f"w{bits}"] = model(input_ids=torch.arange(24).reshape(2, 12)).logits.contiguous()
+save_file(logits, expected)
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+writes = []
+def die_on_second_shard(original):
+    def write(*args, **kwargs):
+        writes.append(args[1])
+        if len(writes) == 2:
+            die()
+        return original(*args, **kwargs)
+    return write
+
+if point == "after_base":  # transformers wrote config.json + weights, the adapter is not written yet
+    serialization._write_adapter = die
+elif point == "after_adapter":
+    serialization._write_sensitivity = die
+elif point == "before_swap":
+    atomic._swap_in = die
+elif point == "mid_shards":
+    import transformers.modeling_utils as mu
+    mu.safe_save_file = die_on_second_shard(mu.safe_save_file)
+model.save_pretrained(folder, max_shard_size="20KB")
+"""
+
+
+@torch.no_grad()
+def _logits(model) -> dict[str, torch.Tensor]:
+    import quept_hf
+
+    out = {}
+    for bits in BITS_CHECKED:
+        quept_hf.set_bits(model, bits)
+        out[f"w{bits}"] = model(input_ids=torch.arange(24).reshape(2, 12)).logits
+    return out
+
+
+def _load(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+
+
+def _assert_same(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+@pytest.fixture(scope="module")
+def saved_template(tiny_llama_dir, tmp_path_factory):
+    """A calibrated tiny elastic LLaMA saved to a folder (with a tokenizer next to it), and its logits."""
+    from tests.conftest import make_tiny_tokenizer
+
+    model = _elastic(tiny_llama_dir)
+    calibrate(model, _ids())
+    folder = tmp_path_factory.mktemp("saved") / "model"
+    model.save_pretrained(folder)
+    make_tiny_tokenizer().save_pretrained(folder)
+    return folder, _logits(model)
+
+
+@pytest.fixture
+def saved(saved_template, tmp_path):
+    """A fresh copy of the saved folder (tests damage it) and the logits it must load with."""
+    import shutil
+
+    template, logits = saved_template
+    folder = tmp_path / "model"
+    shutil.copytree(template, folder)
+    return folder, logits
+
+
+def _edit_json(path, **changes) -> None:
+    data = json.loads(path.read_text())
+    target = data.get("quantization_config", data)
+    target.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def test_saved_folder_loads_identically(saved):
+    folder, logits = saved
+    _assert_same(_logits(_load(folder)), logits)
+
+
+@pytest.mark.parametrize("point", ["after_base", "after_adapter", "before_swap", "mid_shards"])
+def test_save_killed_leaves_the_old_model(saved, tmp_path, point):
+    """Defect 3: a kill between transformers' base weights and our adapter left new base + old adapter."""
+    import subprocess
+    import sys
+
+    folder, old_logits = saved
+    before = sorted(p.name for p in folder.iterdir())
+    child = subprocess.run([sys.executable, "-c", KILL_CHILD, str(folder), point, str(tmp_path / "new.st")])
+    assert child.returncode == -9  # killed by the hook, not finished
+    assert sorted(p.name for p in folder.iterdir()) == before
+    _assert_same(_logits(_load(folder)), old_logits)
+
+
+def test_completed_resave_is_wholly_new_without_stale_weights(saved, tmp_path):
+    """Defects 3 and 4: the re-save (now sharded) replaces everything; the old model.safetensors is gone."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    folder, old_logits = saved
+    expected = tmp_path / "new.st"
+    subprocess.run([sys.executable, "-c", KILL_CHILD, str(folder), "none", str(expected)], check=True)
+    names = {p.name for p in folder.iterdir()}
+    assert "model.safetensors" not in names and "model.safetensors.index.json" in names
+    assert {"tokenizer.json", "tokenizer_config.json", "README.md"} <= names  # not the save's: carried over
+    new_logits = _logits(_load(folder))
+    _assert_same(new_logits, load_file(expected))
+    assert not torch.equal(new_logits["w2"], old_logits["w2"])
+
+
+@pytest.mark.parametrize("missing", ADAPTER_FILES)
+def test_calibrated_folder_without_adapter_is_refused(saved, missing):
+    """Defect 2: without adapter_config.json a calibrated folder loaded as round-to-nearest."""
+    folder, _ = saved
+    (folder / missing).unlink()
+    with pytest.raises(ValueError, match=rf"lacks \[{missing!r}\].*lists MB-CLoRA adapters"):
+        _load(folder)
+
+
+@pytest.mark.parametrize(
+    ("path", "changes", "field"),
+    [
+        ("config.json", {"rotation": True}, "rotation"),
+        ("config.json", {"kv_bits": 4}, "kv_bits"),
+        ("adapter_config.json", {"cascade": False}, "cascade"),
+        ("adapter_config.json", {"default_bits": 4}, "default_bits"),
+        ("adapter_config.json", {"bit_groups": [[2, 3], [4], [5, 6], [7, 8]]}, "bit_groups"),
+    ],
+)
+def test_edited_metadata_is_refused(saved, path, changes, field):
+    """Defect 7: an edited format field loaded silently with other outputs (a flipped rotation, other groups)."""
+    folder, _ = saved
+    _edit_json(folder / path, **changes)
+    with pytest.raises(ValueError, match=rf"no longer describes the saved weights: field\(s\) \[{field!r}\]"):
+        _load(folder)
+
+
+def test_edited_descriptive_metadata_still_loads(saved):
+    folder, logits = saved
+    _edit_json(folder / "config.json", dataset_description="edited by hand")
+    _assert_same(_logits(_load(folder)), logits)
+
+
+def test_folder_without_config_json_is_refused(saved, tmp_path):
+    """Defect 8: the base weights came from the first save's path (adapter_config.json), whatever sits there."""
+    import shutil
+
+    folder, _ = saved
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)
+    (moved / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"config\.json is missing: the base would be loaded from .*model'"):
+        _load(moved)

@@ -167,6 +167,11 @@ def test_adapters_only_push_loads_with_peft(calibrated, local_hub, tmp_path):
     shutil.copytree(tmp_path / "full", base_dir)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (base_dir / name).unlink()
+    # A base without its adapter must say so: a folder whose metadata lists adapter ranks but lacks them is refused.
+    saved = json.loads((base_dir / "config.json").read_text())
+    for entry in saved["quantization_config"]["adapters"].values():
+        entry["rank"] = None
+    (base_dir / "config.json").write_text(json.dumps(saved))
     wrapped = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(tmp_path / "full"))
     wrapped.push_to_hub("me/tiny-adapters")
     files = set(local_hub.files("me/tiny-adapters"))
