@@ -45,7 +45,9 @@ def staged_folder(out_dir: str | os.PathLike, carry: Callable[[str], bool] | Non
     overwrites them. On Linux the swap is one ``renameat2(RENAME_EXCHANGE)``; elsewhere the old folder is moved
     aside and the staging folder moved in (two renames). On an error ``out_dir`` is left as it was.
     """
-    out_dir = os.path.abspath(out_dir)
+    out_dir = os.path.realpath(out_dir)  # a link to a folder: replace the folder, keep the link
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"{out_dir!r} is a file, not a folder: save into a folder")
     parent, name = os.path.dirname(out_dir), os.path.basename(out_dir)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{name}.", dir=parent)

@@ -492,7 +492,11 @@ class QuEPTConfig(QuantizationConfigMixin):
             widths = plan.get("bits") if isinstance(plan, dict) else None
             if not isinstance(widths, dict) or not widths:
                 raise ValueError(f"QuEPTConfig.plans[{name!r}] needs a 'bits' mapping {{module: bits}}, got {plan!r}")
-            bad = sorted({repr(b) for b in widths.values() if not _is_int(b) or b not in self.bits})
+            bad: list[Any] = []  # values may be unhashable (JSON lists): collected without a set
+            for b in widths.values():
+                if (not _is_int(b) or b not in self.bits) and b not in bad:
+                    bad.append(b)
+            bad.sort(key=repr)
             if bad:
                 raise ValueError(f"QuEPTConfig.plans[{name!r}] uses bit-widths {bad}; this config has bits {self.bits}")
 
