@@ -196,3 +196,12 @@ def test_partial_last_group_of_smollm2_shape(bits: int) -> None:
     assert kernel.group == 64
     x = torch.randn(3, 576, generator=torch.Generator().manual_seed(7))
     assert _relative_error(kernel(x), _reference(x, codes, scales, zeros, 128)) < TOLERANCE
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (192, 96), (48, 64), (80, 32)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_own_int4_packing_equals_the_op(shape: tuple[int, int]) -> None:
+    """The uint8 packer (whole blocks) and the unpacker must reproduce the op's CPU layout byte for byte."""
+    codes = torch.randint(0, 16, shape, generator=torch.Generator().manual_seed(8), dtype=torch.uint8)
+    packed = kernels._pack_int4(codes)
+    assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2))
+    assert torch.equal(kernels._unpack_int4(packed, kernels._int4_layout()), codes)

@@ -240,6 +240,19 @@ def _unpack_int4(packed: torch.Tensor, block: int) -> torch.Tensor:
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
+def _pack_int4(nibbles: torch.Tensor) -> torch.Tensor:
+    """uint8 nibbles ``(N, K)`` -> the op's packed ``(N, K / 2)``. Where `_int4_layout` recognised the layout and
+    ``N`` fills whole blocks, in uint8 (the inverse of `_unpack_int4`): it skips the op's int32 input, a copy 4x the
+    codes' size, and takes about a third of the op's time; otherwise the op itself."""
+    rows, cols = nibbles.shape
+    block = _int4_layout()
+    if block and rows % block == 0:
+        halves = nibbles.view(rows // block, 2, block // 2, cols)
+        packed = (halves[:, 1] << 4).bitwise_or_(halves[:, 0])  # (blocks, block / 2, K): low nibble first half
+        return packed.transpose(1, 2).contiguous().view(rows, cols // 2)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles.to(torch.int32), 2)
+
+
 @functools.cache
 def _int4_layout() -> int | None:
     """The row block of this build's int4 packing (64 on AVX512, 32 on AVX2, 0: plain row pairs), found by packing
@@ -322,7 +335,7 @@ def _prepare_int4(codes, scales, zeros, bits: int, group_size: int, max_tokens: 
     group, scales, zeros = _int4_groups(scales, zeros, codes.shape[1], group_size)
     shift = (8 - zeros).clamp(0, 16 - 2**bits)
     scales = scales.to(torch.bfloat16).float()  # the zero term from the scale the kernel will use
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_shift_codes(codes, shift).to(torch.int32), 2)
+    packed = _pack_int4(_shift_codes(codes, shift) if bits < 4 else codes)
     return Int4Kernel(packed, _scales_and_zeros(scales, scales * (8 - shift - zeros)), group, bits, max_tokens)
 
 
@@ -330,8 +343,7 @@ def _prepare_int4x2(codes, scales, zeros, bits: int, group_size: int, max_tokens
     group, scales, zeros = _int4_groups(scales, zeros, codes.shape[1], group_size)
     shift = zeros.clamp(2**bits - 1 - (255 - _OFFSET), _OFFSET)
     shifted = _shift_codes(codes, _OFFSET - shift)  # u = q - c + 136, in [0, 255]
-    nibbles = torch.cat([shifted >> 4, shifted & 15], dim=1).to(torch.int32)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 2)
+    packed = _pack_int4(torch.cat([shifted >> 4, shifted & 15], dim=1))
     scales = scales.to(torch.bfloat16).float()
     high = _scales_and_zeros(scales * 16, torch.zeros_like(scales))
     low = _scales_and_zeros(scales, scales * (shift - zeros))
