@@ -9,7 +9,7 @@ One run prints the four targets, each with its comparison:
 2. checkpoint size: linear-layer bytes against their fp16 bytes, (sum of kept bits) / 16 plus scales and zeros,
    and the whole file, for several kept sets;
 3. resident memory (RSS of a fresh process that loads the frozen folder and runs a forward) against the kept
-   codes plus the working copy, per weight form;
+   codes plus the working copies, per weight form (``"kernel-all"``: one per kept width);
 4. steady-state decode tokens/s (greedy ``generate``, one token at a time) at every width with the low-bit
    kernels, against the float32 model (target: >= 2x), and the single-bit packed model (`PackedLinear`).
 
@@ -40,7 +40,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import quept_hf
-from quept_hf import FrozenLinear, MBCLoRAConfig, QuEPTConfig, assets, freeze, set_weight_form
+from quept_hf import MBCLoRAConfig, QuEPTConfig, assets, freeze, set_weight_form
 
 logger = logging.getLogger("frozen_runtime")
 ALL_BITS = [2, 3, 4, 5, 6, 7, 8]
@@ -128,11 +128,19 @@ def size_rows(frozen_dir: Path, elastic) -> list[dict]:
     rows = []
     for kept in KEPT_SETS:
         codes = sum(v for k, v in nbytes.items() if ".qweight." in k and int(k.rsplit(".", 1)[1]) in kept)
-        meta = sum(v for k, v in nbytes.items() if (".scales." in k or ".zeros." in k) and int(k.rsplit(".", 1)[1]) in kept)
+        meta = sum(
+            v for k, v in nbytes.items() if (".scales." in k or ".zeros." in k) and int(k.rsplit(".", 1)[1]) in kept
+        )
         rows.append(dict(kept=",".join(map(str, kept)), linear_mb=(codes + meta) / 2**20, fp16_linear_mb=fp16 / 2**20,
                          ratio_vs_fp16=(codes + meta) / fp16, target=sum(kept) / 16, scales_overhead=meta / codes,
                          file_mb=(codes + meta + other + header) / 2**20))  # fmt: skip
     return rows
+
+
+def _width(key: str) -> int | None:
+    """``...qweight.4`` -> 4 (None for a key of no width)."""
+    tail = key.rsplit(".", 1)[-1]
+    return int(tail) if tail.isdigit() else None
 
 
 def _slice_bytes(tensor_slice) -> int:
@@ -158,7 +166,7 @@ with torch.no_grad():
     model(torch.randint(0, 1000, (1, 64)))
 layers = [m for m in model.modules() if isinstance(m, quept_hf.FrozenLinear)]
 print(json.dumps(dict(rss=rss() - before, kept=sum(m.storage_bytes() for m in layers),
-                      working=sum(m.working.nbytes() for m in layers))))
+                      working=sum(w.nbytes() for m in layers for w in m.workings.values()))))
 """
 
 
@@ -167,8 +175,9 @@ def rss_row(folder: Path, form: str, bits: int, threads: int) -> dict:
     code = _RSS_PROBE.format(folder=str(folder), form=form, bits=bits, threads=threads)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     found = json.loads(out.stdout.strip().splitlines()[-1])
-    return dict(model=folder.name, form=form, bits=bits, rss_mb=found["rss"] / 2**20, kept_codes_mb=found["kept"] / 2**20,
-                working_mb=found["working"] / 2**20)  # fmt: skip
+    mb = {f"{k}_mb": v / 2**20 for k, v in found.items()}
+    return dict(model=folder.name, form=form, bits=bits, rss_mb=mb["rss_mb"], kept_codes_mb=mb["kept_mb"],
+                working_mb=mb["working_mb"])  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- 4. decode
@@ -208,13 +217,16 @@ def main() -> None:
         freeze(elastic, bits=[3, 4, 8]).save_pretrained(tmp / "frozen-3,4,8")
         single_ms = single_bit_load_ms(elastic, ids, tmp)
         sizes = size_rows(tmp / "frozen-2..8", elastic)
-        sizes.append(dict(kept="3,4,8 (saved)", file_mb=os.path.getsize(tmp / "frozen-3,4,8/model.safetensors") / 2**20))
+        sizes.append(
+            dict(kept="3,4,8 (saved)", file_mb=os.path.getsize(tmp / "frozen-3,4,8/model.safetensors") / 2**20)
+        )
         elastic.save_pretrained(tmp / "elastic")
-        memory = [rss_row(tmp / "frozen-2..8", form, 4, args.threads) for form in ("dequantized", "kernel", "none")]
-        memory.append(rss_row(tmp / "frozen-3,4,8", "kernel", 4, args.threads))
+        forms = ("dequantized", "kernel", "kernel-all", "none")
+        memory = [rss_row(tmp / "frozen-2..8", form, 4, args.threads) for form in forms]
+        memory += [rss_row(tmp / "frozen-3,4,8", form, 4, args.threads) for form in ("kernel", "kernel-all")]
         memory.append(rss_row(Path(assets.smollm2_float_dir()), "float", 4, args.threads))
 
-    switches = [r for form in ("dequantized", "kernel") for r in switch_rows(frozen, ids, form, repeats)]
+    switches = [r for form in ("dequantized", "kernel", "kernel-all") for r in switch_rows(frozen, ids, form, repeats)]
 
     float_model = AutoModelForCausalLM.from_pretrained(assets.smollm2_float_dir(), dtype=torch.float32).eval()
     prompt = ids[:, :16]
@@ -248,7 +260,7 @@ def _fmt(value) -> str:
 
 def report(switches, single_ms, sizes, memory, decode) -> None:
     print("\n1. switch (SmolLM2-135M, 1 x 64 tokens; ratio = (set_adapter + first forward) / plain forward)")
-    for form in ("dequantized", "kernel"):
+    for form in ("dequantized", "kernel", "kernel-all"):
         rows = [r for r in switches if r["form"] == form]
         worst = max(rows, key=lambda r: r["ratio"])
         print(f"  {form:<12} switch alone median {statistics.median(r['switch_ms'] for r in rows):7.1f} ms; switch + "
@@ -269,8 +281,8 @@ def report(switches, single_ms, sizes, memory, decode) -> None:
             print(f"  kept {r['kept']:<14} whole file {r['file_mb']:.1f} MB")
     print("\n3. resident memory growth of a fresh process (load + set_adapter('w4') + one forward)")
     for r in memory:
-        print(f"  {r['model']:<14} {r['form']:<12} RSS +{r['rss_mb']:7.1f} MB; kept codes {r['kept_codes_mb']:6.1f} MB, "
-              f"working copy {r['working_mb']:6.1f} MB")  # fmt: skip
+        print(f"  {r['model']:<14} {r['form']:<12} RSS +{r['rss_mb']:7.1f} MB; kept codes "
+              f"{r['kept_codes_mb']:6.1f} MB, working copies {r['working_mb']:6.1f} MB")  # fmt: skip
     print("\n4. decode tokens/s (greedy, 1 token per step; target >= 2x float32)")
     for r in decode:
         print(f"  {r['model']:<22} w{r['bits']:<3} {r['tokens_per_s']:7.1f} tok/s  {r['ratio_vs_float']:.2f}x float32")

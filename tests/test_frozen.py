@@ -211,11 +211,38 @@ def test_weight_forms(elastic, frozen):
         reference = logits(elastic, x)
         set_weight_form(frozen, "none")
         assert torch.equal(logits(frozen, x), reference)
-        set_weight_form(frozen, "kernel")
-        kernel = logits(frozen, x)
-        assert (kernel - reference).abs().max() <= 0.05 * reference.abs().max()
+        for form in ("kernel", "kernel-all"):
+            set_weight_form(frozen, form)
+            kernel = logits(frozen, x)
+            assert (kernel - reference).abs().max() <= 0.05 * reference.abs().max()
         set_weight_form(frozen, "dequantized")
         assert torch.equal(logits(frozen, x), reference)
+
+
+def test_kernel_all_switch_derives_nothing(elastic, frozen, monkeypatch):
+    """``"kernel-all"`` prepares every width once; a switch then neither unpacks codes nor prepares a kernel."""
+    import quept_hf.packing.frozen as frozen_module
+    import quept_hf.packing.kernels as kernels
+
+    x = ids(8)
+    set_weight_form(frozen, "kernel-all")
+    expected = {}
+    for b in (2, 5, 8):
+        frozen.set_adapter(f"w{b}")
+        expected[b] = logits(frozen, x)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a kernel-all switch derived a working form")
+
+    monkeypatch.setattr(kernels, "prepare_kernel", forbidden)
+    monkeypatch.setattr(frozen_module, "unpack", forbidden)
+    try:
+        for b in (8, 2, 5):
+            frozen.set_adapter(f"w{b}")
+            assert torch.equal(logits(frozen, x), expected[b])
+    finally:
+        monkeypatch.undo()
+        set_weight_form(frozen, "dequantized")
 
 
 # ------------------------------------------------------------------------------- other architectures

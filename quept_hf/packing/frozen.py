@@ -14,8 +14,9 @@ keeps the float weight, MB-CLoRA factors and clipping logits in memory. Freezing
 Switching (`set_bits`) never touches a quantizer or a low-rank product: it derives the active width's WORKING
 FORM from its stored codes, once, and every forward uses it until the next switch (`quept_hf.packing.working`):
 ``"dequantized"`` (default: bitwise the elastic model's fake-quant weight, so logits equal the elastic model's),
-``"kernel"`` (low-bit CPU kernels, bf16 arithmetic) or ``"none"`` (no copy), set by `quept_hf.set_weight_form`.
-Resident: the kept codes plus one working copy of one width.
+``"kernel"`` (low-bit CPU kernels, bf16 arithmetic), ``"kernel-all"`` (every kept width's kernel prepared once:
+a switch selects one and derives nothing, for the memory of all of them) or ``"none"`` (no copy), set by
+`quept_hf.set_weight_form`. Resident: the kept codes plus one working copy of one width (``"kernel-all"``: of each).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class FrozenLinear(nn.Module):
         self.activation_bits: int | None = None  # None: activations follow active_bits (as in QuEPTLinear)
         self.input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.weight_form = "dequantized"
-        self.working = WorkingWeight()
+        self.workings = {b: WorkingWeight() for b in self.bits}  # filled: the active width's (all: "kernel-all")
 
     # --------------------------------------------------------------------------------------- switching
     def set_bits(self, bits: int) -> None:
@@ -103,12 +104,22 @@ class FrozenLinear(nn.Module):
             self._ensure_working()
 
     def set_weight_form(self, form: str) -> None:
+        """Working form of the codes (`quept_hf.packing.working.WEIGHT_FORMS`); ``"kernel-all"`` prepares every
+        kept width's kernel now, so that a switch only selects one."""
         if form not in WEIGHT_FORMS:
             raise ValueError(f"weight_form={form!r} is unknown; allowed: {list(WEIGHT_FORMS)}")
         self.weight_form = form
-        self.working.clear()
-        if self.qweight[str(self.active_bits)].device.type != "meta":
-            self._ensure_working()
+        for working in self.workings.values():
+            working.clear()
+        if self.qweight[str(self.active_bits)].device.type == "meta":
+            return
+        for bits in self.bits if form == "kernel-all" else [self.active_bits]:
+            self._ensure_working(bits)
+
+    @property
+    def working(self) -> WorkingWeight:
+        """The active width's working form."""
+        return self.workings[self.active_bits]
 
     @property
     def is_float(self) -> bool:
@@ -126,14 +137,21 @@ class FrozenLinear(nn.Module):
         key = str(bits)
         return dequantize_codes(self.codes(bits), self.scales[key], self.zeros[key], self.group_size[bits])
 
-    def _active(self) -> tuple:
-        key = str(self.active_bits)
-        return self.codes(), self.scales[key], self.zeros[key], self.active_bits, self.group_size[self.active_bits]
-
-    def _ensure_working(self) -> None:
-        key = str(self.active_bits)
+    def _ensure_working(self, bits: int | None = None) -> None:
+        """Derive width ``bits``'s (default: the active width's) working form if it is stale; outside
+        ``"kernel-all"`` drop the other widths' first, so at most one working copy is resident."""
+        bits = self.active_bits if bits is None else bits
+        if self.weight_form != "kernel-all":
+            for other, working in self.workings.items():
+                if other != bits:
+                    working.clear()
+        key = str(bits)
         tensors = (self.qweight[key], self.scales[key], self.zeros[key])
-        self.working.ensure((self.active_bits, self.weight_form, *versions(*tensors)), self.weight_form, self._active)
+        self.workings[bits].ensure(
+            (bits, self.weight_form, *versions(*tensors)),
+            self.weight_form,
+            lambda: (self.codes(bits), self.scales[key], self.zeros[key], bits, self.group_size[bits]),
+        )
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """The elastic layer's input path: optional online transform, then the activation quantizer."""

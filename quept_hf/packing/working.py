@@ -9,6 +9,8 @@ derives ONE working form of its active codes, on a switch or after loading, and 
   (exact logits); resident: one float copy of the active width;
 * ``"kernel"``: the codes in a low-bit CPU kernel's layout (`quept_hf.packing.kernels`: int4 / int8 with bf16
   activations); resident: a 4- or 8-bit copy. Layers no kernel supports fall back to ``"dequantized"``;
+* ``"kernel-all"``: a frozen layer prepares the kernel of EVERY kept width once, so a switch selects one and
+  derives nothing (resident: one 4- or 8-bit copy per kept width); for a one-width layer, ``"kernel"``;
 * ``"none"``: nothing kept; every forward unpacks and dequantizes (smallest, slowest).
 """
 
@@ -22,7 +24,7 @@ from torch import nn
 
 __all__ = ["WEIGHT_FORMS", "WorkingWeight", "dequantize_codes", "set_weight_form", "versions"]
 
-WEIGHT_FORMS = ("dequantized", "kernel", "none")
+WEIGHT_FORMS = ("dequantized", "kernel", "kernel-all", "none")
 
 
 class WorkingWeight:
@@ -50,7 +52,7 @@ class WorkingWeight:
             return
         with torch.no_grad():
             q, scales, zeros, bits, group_size = codes()
-            if form == "kernel":
+            if form in ("kernel", "kernel-all"):
                 from .kernels import prepare_kernel
 
                 self.kernel = prepare_kernel(q, scales, zeros, bits, group_size)
