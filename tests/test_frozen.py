@@ -23,9 +23,11 @@ from quept_hf.quantizer import quept_linears
 
 try:
     from tests import tiny_models
+    from tests.conftest_hub import local_hub  # noqa: F401
     from tests.test_packing_export import ALL_BITS, elastic_model, ids, logits
 except ModuleNotFoundError:  # `tests/` itself on sys.path
     import tiny_models  # type: ignore[no-redef]
+    from conftest_hub import local_hub  # type: ignore[no-redef]  # noqa: F401
     from test_packing_export import ALL_BITS, elastic_model, ids, logits  # type: ignore[no-redef]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -133,6 +135,16 @@ def test_save_load_round_trip_is_bit_identical(elastic, frozen, tmp_path):
     frozen.set_adapter("w8")
     for (name, a), (_, b) in zip(frozen.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_push_to_hub_is_one_commit_and_reloads(elastic, frozen, local_hub):
+    """transformers' own push_to_hub: one commit with the frozen folder; from_pretrained(repo) switches again."""
+    before = len(local_hub.commits("me/frozen")) if "me/frozen" in local_hub.repo_ids() else 0
+    frozen.push_to_hub("me/frozen")
+    assert len(local_hub.commits("me/frozen")) == before + 2  # the repo's initial commit + ONE upload
+    loaded = AutoModelForCausalLM.from_pretrained("me/frozen").eval()
+    assert quept_hf.quept_config(loaded).is_frozen
+    assert_same_at_every_width(elastic, loaded, ["w3", "mixed-4.5"], ids(9))
 
 
 def test_kinds_are_never_taken_for_each_other(elastic, frozen, tmp_path):
