@@ -23,11 +23,9 @@ from quept_hf.quantizer import quept_linears
 
 try:
     from tests import tiny_models
-    from tests.conftest_hub import local_hub  # noqa: F401
     from tests.test_packing_export import ALL_BITS, elastic_model, ids, logits
 except ModuleNotFoundError:  # `tests/` itself on sys.path
     import tiny_models  # type: ignore[no-redef]
-    from conftest_hub import local_hub  # type: ignore[no-redef]  # noqa: F401
     from test_packing_export import ALL_BITS, elastic_model, ids, logits  # type: ignore[no-redef]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
