@@ -53,6 +53,7 @@ from .mbclora.layer import MBCLoRALayer
 from .mbclora.model import check_slices_loaded
 from .quantizer import quept_linears
 from .serialization import (
+    MANIFEST_NAME,
     _BoundOverride,
     _unwrap,
     check_adapter_format,
@@ -74,7 +75,7 @@ FLOAT_NAME = "float"
 # they would be loaded together with the new ones. Files of the new upload are overwritten, not deleted.
 REPLACED_FILES = (
     "model*.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "adapter_config.json",
-    PLOT_NAME, "quept_sensitivity.safetensors",
+    PLOT_NAME, "quept_sensitivity.safetensors", MANIFEST_NAME,
 )  # fmt: skip
 ALLOW_UNCALIBRATED_ENV = "QUEPT_ALLOW_UNCALIBRATED"
 CALIBRATION_FIELDS = tuple(name for name in CALIBRATION_SETTINGS if name != "checkpoint_dir")

@@ -48,7 +48,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .atomic import staged_folder
+from .atomic import atomic_write_text, file_sha256, staged_folder
 from .config import QuEPTConfig
 from .mbclora.config import MBCLoRAConfig
 from .mbclora.layer import MBCLoRALayer
@@ -62,11 +62,14 @@ _HUB_ARGS = (
 # transformers' ``save_pretrained`` parameters after ``save_directory``, in order (for positional calls).
 _SAVE_PRETRAINED_POSITIONAL = ("is_main_process", "state_dict", "push_to_hub", "max_shard_size", "variant", "token")
 
+# The sha256 of every tensor file of a save (safetensors has no checksum): a flipped byte loaded silently before.
+MANIFEST_NAME = "quept_manifest.json"
+DIGESTS_ENV = "QUEPT_FILE_DIGESTS"  # "0": neither write nor check them (huge models: one more read per file)
 # What a save owns in its folder: weights of any format and sharding, their indexes, configs, the adapter, the
 # quality plot, temporary files. A save over an existing folder replaces these as a whole; it keeps the rest.
 MODEL_FILES = (
     "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth", "config.json",
-    "generation_config.json", ADAPTER_CONFIG_NAME, "quality_vs_bits.png", ".quept-*", ".*.tmp",
+    "generation_config.json", ADAPTER_CONFIG_NAME, "quality_vs_bits.png", MANIFEST_NAME, ".quept-*", ".*.tmp",
 )  # fmt: skip
 
 FORMAT_KEY = "quept_format"  # safetensors metadata: {field: digest} of the config fields the tensors depend on
@@ -322,6 +325,7 @@ def staged_save(save_directory: str | os.PathLike, is_main_process: bool = True)
         return
     with staged_folder(save_directory, carry=_carried) as folder:
         yield folder
+        _write_manifest(folder)
 
 
 def _carried(name: str) -> bool:
@@ -488,16 +492,16 @@ def _locate(source: str, filename: str, revision: str | None = None) -> str | No
     return "" if found is not None else None
 
 
-def _weights_file(source: str, revision: str | None) -> str | None:
-    """The (first shard's) safetensors file of a checkpoint; ``None`` for another layout (subfolder, variant)."""
+def _weight_files(source: str, revision: str | None) -> list[str]:
+    """The safetensors file names of a checkpoint's weights (its shards); ``[]`` for another layout (subfolder,
+    variant, a Hub file not in the cache): then there is nothing to check against."""
     from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
     index = _locate(source, SAFE_WEIGHTS_INDEX_NAME, revision)
     if index:
         with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f).get("weight_map", {}).values()))
-        return (_locate(source, shards[0], revision) or None) if shards else None
-    return _locate(source, SAFE_WEIGHTS_NAME, revision) or None
+            return sorted(set(json.load(f).get("weight_map", {}).values()))
+    return [SAFE_WEIGHTS_NAME] if _locate(source, SAFE_WEIGHTS_NAME, revision) else []
 
 
 def _metadata(path: str) -> dict[str, str]:
@@ -511,10 +515,14 @@ def check_loaded_checkpoint(model: nn.Module, config: QuEPTConfig) -> None:
     first save killed before the adapter was written) loaded as round-to-nearest without a word."""
     source = getattr(model.config, "_name_or_path", None)
     revision = getattr(model.config, "_commit_hash", None)
-    weights = _weights_file(source, revision) if source else None
-    if weights is None:
+    names = _weight_files(source, revision) if source else []
+    first = _locate(source, names[0], revision) if names else None
+    if not first:
         return
-    check_format(_metadata(weights), config.format_fields(), f"{source!r}: config.json's quantization_config", weights)
+    from .mixed_precision import SENSITIVITY_NAME
+
+    verify_files(source, [*names, SENSITIVITY_NAME], revision)
+    check_format(_metadata(first), config.format_fields(), f"{source!r}: config.json's quantization_config", first)
     ranked = sorted(n for n, e in (config.adapters or {}).items() if isinstance(e, dict) and e.get("rank") is not None)
     missing = [name for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME) if _locate(source, name, revision) == ""]
     if ranked and missing:
@@ -551,4 +559,39 @@ def check_adapter_format(peft_model_id: Any, config: MBCLoRAConfig, revision: st
     source = os.fspath(peft_model_id)
     adapter = _locate(source, ADAPTER_WEIGHTS_NAME, revision)
     if adapter:
+        verify_files(source, [ADAPTER_WEIGHTS_NAME], revision)
         check_format(_metadata(adapter), _adapter_fields(config), f"{source!r}: {ADAPTER_CONFIG_NAME}", adapter)
+
+
+def _digests_enabled() -> bool:
+    return os.environ.get(DIGESTS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _write_manifest(folder: str) -> None:
+    """`MANIFEST_NAME`: the sha256 of each tensor file, written last, once every file of the save is in place."""
+    if not _digests_enabled():
+        return
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    manifest = {"version": 1, "sha256": {name: file_sha256(os.path.join(folder, name)) for name in names}}
+    atomic_write_text(os.path.join(folder, MANIFEST_NAME), json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def verify_files(source: str, names: list[str], revision: str | None = None) -> None:
+    """Refuse a tensor file whose bytes differ from the sha256 its save recorded in `MANIFEST_NAME`.
+
+    Costs one read of each file (about 1 GB/s); ``QUEPT_FILE_DIGESTS=0`` skips it. Files without a manifest
+    (saved before quept_hf wrote one, or not by quept_hf) and Hub files whose manifest is not in the cache (the
+    Hub checks its downloads itself) are not checked."""
+    manifest_path = _locate(source, MANIFEST_NAME, revision) if _digests_enabled() else None
+    if not manifest_path:
+        return
+    with open(manifest_path, encoding="utf-8") as f:
+        recorded = json.load(f).get("sha256", {})
+    for name in names:
+        path = _locate(source, name, revision)
+        if path and name in recorded and file_sha256(path) != recorded[name]:
+            raise ValueError(
+                f"{source!r}: {name} does not match the sha256 {MANIFEST_NAME} recorded when it was saved: the file "
+                f"is damaged (changed or truncated bytes). Restore it from the original, or set {DIGESTS_ENV}=0 to "
+                "load it unchecked."
+            )

@@ -434,3 +434,17 @@ def test_folder_without_config_json_is_refused(saved, tmp_path):
     (moved / "config.json").unlink()
     with pytest.raises(ValueError, match=r"config\.json is missing: the base would be loaded from .*model'"):
         _load(moved)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "adapter_model.safetensors"])
+def test_flipped_byte_in_a_tensor_file_is_refused(saved, name, monkeypatch):
+    """safetensors has no checksum: a flipped byte in the tensor data loaded silently (quept_manifest.json now)."""
+    folder, _ = saved
+    path = folder / name
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{name} does not match the sha256 quept_manifest\.json recorded"):
+        _load(folder)
+    monkeypatch.setenv("QUEPT_FILE_DIGESTS", "0")  # the opt-out for huge models: loads, unchecked
+    _load(folder)

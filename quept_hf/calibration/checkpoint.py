@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
-from ..atomic import atomic_write, atomic_write_text
+from ..atomic import atomic_write, atomic_write_text, file_sha256
 
 # Fingerprint keys that describe the model rather than the settings (`quept_hf.calibration.engine._fingerprint`).
 MODEL_KEYS = ("architecture", "block_weights_sha256", "other_weights_sha256")
@@ -65,7 +65,7 @@ class BlockCheckpoints:
 
         def write(tmp: str) -> None:
             save_file(tensors, tmp)
-            self._digests[self._block_path(index).name] = _file_sha256(tmp)
+            self._digests[self._block_path(index).name] = file_sha256(tmp)
 
         atomic_write(self._block_path(index), write)
         progress = {"fingerprint": self.fingerprint, "completed_blocks": index + 1, "block_sha256": self._digests}
@@ -86,14 +86,6 @@ class BlockCheckpoints:
 
     def _block_path(self, index: int) -> Path:
         return self.directory / f"block_{index:04d}.safetensors"
-
-
-def _file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
