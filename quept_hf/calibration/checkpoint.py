@@ -106,6 +106,8 @@ def _describe(key: str, stored: Any, current: Any) -> str:
             return f"number of blocks: {len(stored)} (checkpoint) vs {len(current)}"
         differing = [i for i, (a, b) in enumerate(zip(stored, current, strict=True)) if a != b]
         return f"float weights of blocks {differing}"
+    if stored is None:
+        return f"{key}: not recorded (the folder was written by an older quept_hf)"
     if key == "other_weights_sha256":
         return "float weights outside the blocks (embeddings, head, norms)"
     return f"{key}: {stored!r} (checkpoint) vs {current!r}"
