@@ -142,8 +142,9 @@ def set_layer_bits(model: nn.Module, bits: Mapping[str, int]) -> None:
         name: b for name, b in bits.items() if isinstance(b, bool) or not isinstance(b, int) or b not in allowed(name)
     }
     if bad:
-        shown = {name: f"{b!r} (allowed: {allowed(name)})" for name, b in list(bad.items())[:5]}
-        raise ValueError(f"set_bits: bit-width(s) not available for {shown}")
+        shown = dict(list(bad.items())[:5])
+        first = next(iter(bad))
+        raise ValueError(f"set_bits: bit-width(s) not available for {shown}; {first} offers {allowed(first)}")
     for name, b in bits.items():
         layers[name].set_bits(int(b))
 
