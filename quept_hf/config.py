@@ -142,8 +142,9 @@ class QuEPTConfig(QuantizationConfigMixin):
         smoothing: AWQ-style activation-aware per-channel scales searched per block during calibration and
             folded into the preceding norm / linear (`quept_hf.calibration.smoothing`). ``None``: on in
             weight_only mode where the architecture allows it, off otherwise.
-        modules_to_not_convert: module names (or name suffixes) kept in float besides ``lm_head``.
-        seed: seed of every random choice (data windows, bit sampling, adapter init).
+        modules_to_not_convert: module names (or name suffixes) kept in float besides ``lm_head``; one string is one
+            name.
+        seed: seed of every random choice (data windows, bit sampling, adapter init), an int in 0..2**32-1.
         dataset, tokenizer: calibration data and its tokenizer (run-time only, never saved).
         image_processor, processor: what turns calibration images (ViTs) or image-text pairs (VLMs) into model
             inputs (run-time only, never saved), e.g. ``AutoImageProcessor`` / ``AutoProcessor`` instances.
@@ -158,7 +159,9 @@ class QuEPTConfig(QuantizationConfigMixin):
             i.e. trains on the inputs it meets at inference; same cost, one activation cache per group),
             ``"mbtome"`` (the spec's MB-ToMe, section 4: one input for all groups, merged per token; measured
             6.6x worse W2 perplexity on SmolLM2, equal at 3..8 bits, see docs/RESULTS.md), ``"uniform"``
-            (weighted mix) or ``"none"`` (the highest group's output).
+            (weighted mix) or ``"none"`` (the highest group's output). Learning rates lie in (0, 1], ``top_p`` in
+            [0, 1]; ``merge_weights`` are non-negative, at least one positive. Every field takes its exact type
+            (``bool`` is not an int, ``4.0`` is not a bit-width): nothing is converted.
         cascade_training: ``"owned"`` (default: each slice learns from its own group's loss only; the higher
             groups' slices are used but not pulled towards low-bit errors, which keeps high bit-widths at least as
             good as round-to-nearest) or ``"joint"`` (every group's loss trains every slice its delta uses).
@@ -574,6 +577,20 @@ class QuEPTConfig(QuantizationConfigMixin):
         ):
             raise ValueError(
                 f"QuEPTConfig.frozen['per_tensor_activations'] must list frozen modules, got {per_tensor!r}"
+            )
+        head = frozen.get("head")
+        if head is not None and not (
+            isinstance(head, dict)
+            and set(head) == {"module", "bits", "group_size"}
+            and isinstance(head["module"], str)
+            and head["module"] not in widths
+            and _is_int(head["bits"])
+            and MIN_BITS <= head["bits"] <= MAX_BITS
+            and head["group_size"] == -1
+        ):
+            raise ValueError(
+                f"QuEPTConfig.frozen['head']={head!r}: expected {{'module': name of a non-elastic linear, 'bits': "
+                f"{MIN_BITS}..{MAX_BITS}, 'group_size': -1}} or None"
             )
 
     def format_fields(self) -> dict[str, Any]:
