@@ -21,6 +21,12 @@ is restored, every bit-width included, by ``AutoModelForCausalLM.from_pretrained
 when pushing, the Hub repo id) as ``base_model_name_or_path``: for a Hub repo id transformers replaces the
 path to load by that value, which must therefore point back at the same repo.
 
+Nothing silently wrong on load: a save is staged next to the folder and swapped in whole (`staged_save`), so a
+killed save leaves the old folder and no stale shard survives; each tensor file's sha256 goes to
+``quept_manifest.json`` and the digests of the config fields the tensors depend on to the safetensors metadata
+(``quept_format``), both checked on load (`check_loaded_checkpoint`, `check_adapter_format`), as are a missing
+adapter and a folder that lost its ``config.json`` (`check_adapter_source`).
+
 `save_elastic` writes that folder; `install_elastic_save` makes a transformers model's own ``save_pretrained``
 and ``push_to_hub`` use it while adapters are attached. ``peft.PeftModel.save_pretrained`` is untouched (it
 writes the adapter only, as PEFT always does).
