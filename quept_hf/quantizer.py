@@ -94,6 +94,7 @@ def replace_frozen_linears(model: nn.Module, config: QuEPTConfig) -> list[str]:
     As for packed checkpoints, the new modules live on the old weight's device (meta while transformers builds the
     skeleton), so no float weight of a frozen linear is ever materialised."""
     from .packing.frozen import FrozenLinear
+    from .packing.linear import PackedLinear
 
     per_tensor = set(config.frozen.get("per_tensor_activations") or [])
     for name, kept in config.frozen["bits"].items():
@@ -110,6 +111,21 @@ def replace_frozen_linears(model: nn.Module, config: QuEPTConfig) -> list[str]:
             dtype=module.weight.dtype,
         )
         parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    head = config.frozen.get("head")
+    if head is not None:
+        module = _linear_named(model, head["module"], "frozen")
+        new = PackedLinear(
+            module.in_features,
+            module.out_features,
+            module.bias is not None,
+            bits=head["bits"],
+            group_size=head["group_size"],
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+        )
+        new.set_weight_form("dequantized")
+        parent_name, _, child = head["module"].rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return list(config.frozen["bits"])
 
@@ -315,9 +331,10 @@ def _finish_frozen(model: nn.Module, config: QuEPTConfig) -> nn.Module:
     """After loading a frozen checkpoint: check every code tensor arrived, restore online transforms, switch to the
     default width (deriving its working form from the codes) and give the model its ``set_adapter`` front door."""
     from .packing.frozen import FrozenLinear
+    from .packing.linear import PackedLinear
     from .switch import install_frozen_switch, set_bits
 
-    _check_all_loaded(model, FrozenLinear, "frozen")
+    _check_all_loaded(model, (FrozenLinear, PackedLinear), "frozen")
     if config.quantize_attention_probs:
         register_attention()
         model.set_attn_implementation(ATTENTION_IMPLEMENTATION)

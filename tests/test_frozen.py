@@ -316,3 +316,22 @@ def test_smollm2_frozen_equals_elastic(smollm2_dir, tmp_path):
     assert_same_at_every_width(elastic, frozen, ["w2", "w4", "w8"], x)
     frozen.save_pretrained(tmp_path)
     assert_same_at_every_width(elastic, AutoModelForCausalLM.from_pretrained(tmp_path).eval(), ["w4"], x)
+
+
+def test_head_bits_stores_the_output_head_as_codes(elastic, tmp_path):
+    """``head_bits=8``: lm_head becomes 8-bit per-row codes (untied), within 8-bit rounding of the float head."""
+    frozen = freeze(elastic, bits=[4], plans=[], head_bits=8)
+    head = frozen.get_output_embeddings()
+    assert isinstance(head, quept_hf.PackedLinear) and head.bits == 8
+    assert not frozen.config.tie_word_embeddings
+    set_bits(elastic, 4)
+    reference = logits(elastic, ids(10))
+    got = logits(frozen, ids(10))
+    assert 0 < (got - reference).abs().max() <= 0.02 * reference.abs().max()
+    frozen.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys() and f.get_tensor("lm_head.qweight").dtype == torch.uint8  # noqa: SIM118
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(loaded, ids(10)), got)
+    with pytest.raises(ValueError, match="head_bits=1"):
+        freeze(elastic, head_bits=1)

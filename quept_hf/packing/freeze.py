@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..config import FROZEN_FORMAT, FROZEN_VERSION, QuEPTConfig
+from ..nn.functional import quantize_weight_codes
 from .codec import pack
 from .export import QuantizedLinear, quantize_layers, resolve_plan, stored_plans
 from .frozen import FrozenLinear
@@ -118,14 +119,53 @@ def _frozen_tensors(name: str, widths: dict[int, QuantizedLinear]) -> dict[str, 
     return state
 
 
+HEAD_GROUP_SIZE = -1  # the output head's codes: one scale and zero point per vocabulary row
+
+
+def _head_tensors(base: nn.Module, head_bits: int) -> tuple[str, dict[str, torch.Tensor]]:
+    """The output head (``lm_head``) as round-to-nearest codes of ``head_bits`` per vocabulary row (full range).
+
+    The head is not elastic (calibration leaves it float), so it gets one width and no switching: a
+    `quept_hf.packing.linear.PackedLinear`. It is what a token's decode reads most of on small LLMs (SmolLM2: 28M of
+    its 134M weights, read in float32 at every step)."""
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if type(head) is not nn.Linear:
+        raise ValueError(f"freeze: head_bits={head_bits} needs an nn.Linear output head; {type(base).__name__} has "
+                         f"{type(head).__name__}")  # fmt: skip
+    name = next(n for n, m in base.named_modules() if m is head)
+    full_range = torch.full((head.out_features, 1), 30.0, dtype=head.weight.dtype)  # sigmoid(30) == 1.0
+    codes, scales, zeros = quantize_weight_codes(head.weight, head_bits, full_range, full_range, HEAD_GROUP_SIZE)
+    state = {f"{name}.qweight": pack(codes, head_bits), f"{name}.scales": scales, f"{name}.zeros": zeros}
+    if head.bias is not None:
+        state[f"{name}.bias"] = head.bias.detach().clone()
+    return name, state
+
+
+def _check_head_bits(head_bits: object) -> None:
+    if head_bits is not None and (
+        isinstance(head_bits, bool) or not isinstance(head_bits, int) or not 2 <= head_bits <= 8
+    ):
+        raise ValueError(f"freeze: head_bits={head_bits!r}; allowed: None (float head) or an int in 2..8")
+
+
 @torch.no_grad()
-def freeze(model: nn.Module, bits: Iterable[int] | None = None, plans: Iterable[str] | None = None) -> nn.Module:
+def freeze(
+    model: nn.Module,
+    bits: Iterable[int] | None = None,
+    plans: Iterable[str] | None = None,
+    *,
+    head_bits: int | None = None,
+) -> nn.Module:
     """The frozen elastic model of ``model`` (left unchanged): codes of every kept width, no float master.
 
     Args:
         model: an elastic QuEPT model (transformers model with or without MB-CLoRA adapters, or a PeftModel).
         bits: uniform bit-widths to keep (default: all of the model's).
         plans: stored mixed plans to keep (default: all), e.g. ``["mixed-3.25"]``.
+        head_bits: also store the output head (``lm_head``, float in the elastic model) as round-to-nearest codes
+            of this width per vocabulary row (8 is near-lossless); ``None`` (default) keeps it float. A tied
+            head is untied (the input embedding stays float). Logits then differ from the elastic model's by
+            the head's quantization.
 
     Returns a transformers model of the same class whose quantized linears are `FrozenLinear`: it answers
     ``set_adapter("w3")`` / ``set_adapter("mixed-3.25")``, `quept_hf.set_bits` and `quept_hf.get_bits`, saves with
@@ -137,6 +177,7 @@ def freeze(model: nn.Module, bits: Iterable[int] | None = None, plans: Iterable[
 
     base = _unwrap(model)
     config = quept_config(model)
+    _check_head_bits(head_bits)
     uniform, plan_maps, kept = kept_widths(model, bits, plans)
     by_width: dict[str, dict[int, QuantizedLinear]] = {module: {} for module in kept}
     for b in sorted({b for widths in kept.values() for b in widths}):
@@ -148,7 +189,13 @@ def freeze(model: nn.Module, bits: Iterable[int] | None = None, plans: Iterable[
         state.update(_frozen_tensors(module, widths))
     per_tensor = sorted(m for m, widths in by_width.items() if any(q.act_log_step is not None for q in widths.values()))
     hf_config = type(base.config).from_dict(base.config.to_dict())
-    hf_config.quantization_config = frozen_config(config, uniform, plan_maps, kept, per_tensor).to_dict()
+    description = frozen_config(config, uniform, plan_maps, kept, per_tensor)
+    if head_bits is not None:
+        head, head_state = _head_tensors(base, head_bits)
+        state = {k: v for k, v in state.items() if not k.startswith(head + ".")} | head_state
+        description.frozen["head"] = {"module": head, "bits": head_bits, "group_size": HEAD_GROUP_SIZE}
+        hf_config.tie_word_embeddings = False
+    hf_config.quantization_config = description.to_dict()
     frozen = type(base).from_pretrained(None, config=hf_config, state_dict=state, dtype=base.dtype).eval()
     if getattr(base, "generation_config", None) is not None:
         frozen.generation_config = copy.deepcopy(base.generation_config)
