@@ -11,7 +11,8 @@ One run prints the four targets, each with its comparison:
 3. resident memory (RSS of a fresh process that loads the frozen folder and runs a forward) against the kept
    codes plus the working copies, per weight form (``"kernel-all"``: one per kept width);
 4. steady-state decode tokens/s (greedy ``generate``, one token at a time) at every width with the low-bit
-   kernels, against the float32 model (target: >= 2x), and the single-bit packed model (`PackedLinear`).
+   kernels, against the float32 model (target: >= 2x), also with the output head frozen at 8 bits
+   (``freeze(head_bits=8)``), and the single-bit packed model (`PackedLinear`).
 
 The model is the uncalibrated elastic SmolLM2 with small random MB-CLoRA deltas (as after calibration): speed and
 size do not depend on calibration quality. Writes ``benchmarks/results/frozen_runtime.csv``.
@@ -238,6 +239,14 @@ def main() -> None:
             frozen.set_adapter(f"w{bits}")
             tps = tokens_per_second(frozen, prompt, new_tokens)
             decode.append(dict(model=f"frozen ({form})", bits=bits, tokens_per_s=tps, ratio_vs_float=tps / float_tps))
+    del frozen
+    with_head = freeze(elastic, head_bits=8)  # the output head as 8-bit codes too (the kernel runs it)
+    set_weight_form(with_head, "kernel")
+    for bits in ALL_BITS:
+        with_head.set_adapter(f"w{bits}")
+        tps = tokens_per_second(with_head, prompt, new_tokens)
+        decode.append(dict(model="frozen+head8 (kernel)", bits=bits, tokens_per_s=tps, ratio_vs_float=tps / float_tps))
+    del with_head
     for bits in (3, 4, 8):
         packed = quept_hf.pack_model(elastic, bits)
         for form in ("kernel", "none"):
