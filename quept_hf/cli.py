@@ -6,6 +6,7 @@ Examples:
     quept-hf eval ./smollm2-quept --bits all --data held_out.txt
     quept-hf plan ./smollm2-quept --avg-bits 2.25 3.25 --data wiki.txt
     quept-hf export ./smollm2-quept --bits 3 --out ./smollm2-w3
+    quept-hf export ./smollm2-quept --format gguf --bits 2-8 --out ./smollm2-gguf
     quept-hf card ./smollm2-quept
 """
 
@@ -127,6 +128,13 @@ def cmd_export(args: argparse.Namespace) -> None:
     import quept_hf
 
     model, tokenizer = load_source(args.model)
+    if args.format == "gguf":  # one .gguf per bit-width (--bits 2-8) or plan, into --out (a folder or a file)
+        targets = parse_bits(args.bits) if args.bits[:1].isdigit() and not args.bits.isdigit() else [args.bits]
+        for target in targets:
+            target = int(target) if str(target).isdigit() else target
+            path = quept_hf.export(model, target, args.out, format="gguf", tokenizer=tokenizer)
+            logger.info("GGUF written to %s", path)
+        return
     target = int(args.bits) if args.bits.isdigit() else args.bits
     quept_hf.export(model, target, args.out)
     tokenizer.save_pretrained(args.out)
@@ -201,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="packed low-bit checkpoint of one bit-width or plan")
     export.add_argument("model")
     export.add_argument("--bits", required=True, help="an int, w3, or a plan name such as mixed-3.25")
-    export.add_argument("--out", required=True)
+    export.add_argument("--out", required=True, help="folder (quept); .gguf file or folder (gguf)")
+    export.add_argument("--format", default="quept", choices=["quept", "gguf"], help="quept (default) or gguf")
     export.set_defaults(func=cmd_export)
 
     freeze = commands.add_parser("freeze", help="deployable elastic model: codes of the kept bit-widths, switchable")

@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["QuantizedLinear", "export", "pack_model", "quantize_layers", "resolve_plan"]
 
 BITS_NAME = re.compile(r"^w(\d+)$")
+EXPORT_FORMATS = ("quept", "gguf")
 BitsOrPlan = int | str | Mapping[str, int]
 
 
@@ -261,6 +262,7 @@ def export(
     *,
     tokenizer=None,
     overwrite: bool = False,
+    format: str = "quept",
     **save_kwargs,
 ) -> str:
     """Write ``model`` frozen at ``bits_or_plan`` with packed integer weights to ``out_dir``; returns the path.
@@ -270,10 +272,19 @@ def export(
         bits_or_plan: ``3``, ``"w3"``, ``"mixed-3.25"`` (a stored plan) or ``{module or block: bits}``.
         out_dir: target folder; it must not exist (or be empty) unless ``overwrite=True``.
         tokenizer: optionally saved alongside, so the folder is self-contained.
+        format: ``"quept"`` (this packed transformers folder) or ``"gguf"`` (one llama.cpp file: `out_dir` is
+            the ``.gguf`` path or a folder for it; see `quept_hf.packing.gguf.export_gguf`, which also takes an
+            elastic or frozen model and ``embedding_type=`` through ``save_kwargs``).
         save_kwargs: passed to ``save_pretrained`` (e.g. ``max_shard_size``).
 
     Load with ``AutoModelForCausalLM.from_pretrained(out_dir)`` after ``import quept_hf``.
     """
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"format={format!r} is not supported; choose one of {list(EXPORT_FORMATS)}")
+    if format == "gguf":
+        from .gguf import export_gguf
+
+        return export_gguf(model, bits_or_plan, out_dir, tokenizer=tokenizer, overwrite=overwrite, **save_kwargs)
     out_dir = os.fspath(out_dir)
     _check_target(out_dir, overwrite)
     packed = pack_model(model, bits_or_plan)
