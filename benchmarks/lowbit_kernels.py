@@ -62,6 +62,20 @@ def best_ms(fn: Callable[[], object], repeats: int, calls: int = 1) -> float:
     return min(times) * 1e3
 
 
+def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int, calls: int = 1) -> dict[str, float]:
+    """`best_ms` of several functions, timed round-robin: a load spike from other processes then hits every
+    variant alike instead of one block of repetitions, which keeps the speed-up ratios honest."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {label: [] for label in fns}
+    for _ in range(repeats):
+        for label, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[label].append((time.perf_counter() - start) / calls)
+    return {label: min(values) * 1e3 for label, values in times.items()}
+
+
 def random_layer(out_features: int, in_features: int, bits: int, group_size: int, seed: int = 0):
     """Codes, scales and zero points shaped like `quantize_weight_codes` output (values do not affect speed)."""
     gen = torch.Generator().manual_seed(seed)
@@ -97,7 +111,7 @@ def measure(shape, config, tokens: list[int], args) -> list[dict]:
         return []
     prepare_ms = best_ms(lambda: prepare_kernel(codes, scales, zeros, bits, group_size), max(3, args.repeats // 3))
     weight = dequantize_codes(codes, scales, zeros, group_size).contiguous()
-    copies = max(1, args.cold_mb * 2**20 // weight.nbytes())
+    copies = max(1, args.cold_mb * 2**20 // weight.nbytes)
     variants: dict[str, tuple[list, Callable]] = {
         "fp32": ([weight.clone() for _ in range(copies)], lambda w, x: F.linear(x, w)),
         "bf16": ([weight.to(torch.bfloat16) for _ in range(copies)], lambda w, x: F.linear(x.to(torch.bfloat16), w)),
@@ -113,16 +127,15 @@ def measure(shape, config, tokens: list[int], args) -> list[dict]:
         row = dict(shape=f"{out_features}x{in_features}", bits=bits, group=group_size, name=kernel.name, tokens=n)
         row["dequant+fp32_ms"] = best_ms(partial(reference, x, codes, scales, zeros, group_size), 5)
         for regime, count in (("hot", 1), ("cold", copies)):
-            times = {}
-            for label, (objects, fn) in variants.items():
-                times[label] = best_ms(rotating(fn, objects[:count], x), args.repeats if count == 1 else 3, count)
+            fns = {label: rotating(fn, objects[:count], x) for label, (objects, fn) in variants.items()}
+            times = interleaved_ms(fns, args.repeats if count == 1 else max(3, args.repeats // 3), count)
             rows.append(dict(row, regime=regime, **{f"{k}_ms": v for k, v in times.items()}))
             rows[-1].update(
                 kernel_vs_fp32=times["fp32"] / times["kernel"],
                 kernel_vs_bf16=times["bf16"] / times["kernel"],
                 prepare_ms=prepare_ms,
                 kernel_mib=kernel.nbytes() / 2**20,
-                fp32_mib=weight.nbytes() / 2**20,
+                fp32_mib=weight.nbytes / 2**20,
             )
     return rows
 
@@ -139,11 +152,8 @@ def sweep(args) -> list[dict]:
             for n in [1, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512]:
                 x = torch.randn(n, shape[1])
                 row = dict(shape=f"{shape[0]}x{shape[1]}", bits=bits, group=group_size, name=lowbit.name, tokens=n)
-                row.update(
-                    lowbit_ms=best_ms(partial(lowbit, x), args.repeats),
-                    dense_bf16_ms=best_ms(partial(dense, x), args.repeats),
-                    fp32_ms=best_ms(partial(F.linear, x, weight), args.repeats),
-                )
+                fns = dict(lowbit=partial(lowbit, x), dense_bf16=partial(dense, x), fp32=partial(F.linear, x, weight))
+                row.update({f"{k}_ms": v for k, v in interleaved_ms(fns, args.repeats).items()})
                 rows.append(row)
                 print(format_row(row, SWEEP_COLUMNS), flush=True)
     return rows
