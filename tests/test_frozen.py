@@ -308,6 +308,26 @@ def test_cli_freeze(elastic, tmp_path):
 
 
 @pytest.mark.slow
+def test_smollm2_kernel_perplexity_within_half_a_percent(smollm2_dir, wiki_split):
+    """The kernel path's stated tolerance on the real model: held-out perplexity within 0.5% of the exact path."""
+    from transformers import AutoTokenizer
+
+    from quept_hf.evaluation import perplexity
+
+    elastic = AutoModelForCausalLM.from_pretrained(smollm2_dir, quantization_config=QuEPTConfig()).eval()
+    frozen = freeze(elastic, bits=[4, 8], plans=[])
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    texts = wiki_split[1]
+    for bits in (4, 8):
+        frozen.set_adapter(f"w{bits}")
+        scores = {}
+        for form in ("dequantized", "kernel"):
+            set_weight_form(frozen, form)
+            scores[form] = perplexity(frozen, texts, tokenizer, seq_len=256, max_windows=2)
+        assert abs(scores["kernel"] / scores["dequantized"] - 1) < 0.005, (bits, scores)
+
+
+@pytest.mark.slow
 def test_smollm2_frozen_equals_elastic(smollm2_dir, tmp_path):
     """The real SmolLM2-135M (uncalibrated elastic, so it needs no data): frozen logits equal at every width."""
     elastic = AutoModelForCausalLM.from_pretrained(smollm2_dir, quantization_config=QuEPTConfig()).eval()
