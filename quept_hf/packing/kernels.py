@@ -163,7 +163,14 @@ class Int8Kernel(LowBitKernel):
 
     name = "int8pack"
 
-    def __init__(self, weight, scales, correction: torch.Tensor | None, bits: int, max_tokens: int | None) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        scales: torch.Tensor,
+        correction: torch.Tensor | None,
+        bits: int,
+        max_tokens: int | None,
+    ) -> None:
         super().__init__(bits, weight.shape[0], weight.shape[1], max_tokens)
         self.weight, self.scales, self.correction = weight, scales, correction
 
@@ -196,9 +203,19 @@ class Int4Kernel(LowBitKernel):
     """Nibbles in `torch.ops.aten._convert_weight_to_int4pack_for_cpu`'s layout with bf16 ``(groups, out, 2)``
     scales and zero terms. ``repeat = 2``: the two-nibble form of 5..8-bit codes (the input runs twice along K)."""
 
-    def __init__(self, packed, scales_and_zeros, group: int, bits: int, max_tokens: int | None, repeat: int = 1):
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        scales_and_zeros: torch.Tensor,
+        group: int,
+        bits: int,
+        max_tokens: int | None,
+        repeat: int = 1,
+        per_channel: bool = False,
+    ) -> None:
         super().__init__(bits, packed.shape[0], packed.shape[1] * 2 // repeat, max_tokens)
         self.packed, self.scales_and_zeros, self.group, self.repeat = packed, scales_and_zeros, group, repeat
+        self.per_channel = per_channel  # one scale and zero term per row: the dense path factors them out
         self.name = "int4pack" if repeat == 1 else "int4x2pack"
         if _int4_layout() is None:  # unknown packed layout: no dense decode, so never leave the kernel
             self.max_tokens = None
@@ -209,6 +226,15 @@ class Int4Kernel(LowBitKernel):
         return torch.ops.aten._weight_int4pack_mm_for_cpu.default(
             x_bf16, self.packed, self.group, self.scales_and_zeros
         )
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.per_channel:
+            return super()._dense(x)
+        # x @ (s (u - 8) + zero).T = s * (x @ (u - 8).T) + sum(x) * zero: the codes only need a cast (exact in bf16).
+        signed = _unpack_int4(self.packed, _int4_layout()).sub_(8).view(torch.int8)  # uint8 wrap-around
+        out = F.linear(x.to(torch.bfloat16), signed.to(torch.bfloat16)).float()
+        scales, zero_terms = self.scales_and_zeros[0].float().unbind(-1)
+        return torch.addr(out.mul_(scales), x.float().sum(-1), zero_terms)
 
     def dense_weight(self) -> torch.Tensor:
         out_features, cols = self.out_features, self.in_features
@@ -337,11 +363,13 @@ def _int4_groups(scales: torch.Tensor, zeros: torch.Tensor, in_features: int, gr
 
 
 def _prepare_int4(codes, scales, zeros, bits: int, group_size: int, max_tokens: int | None) -> Int4Kernel:
+    per_channel = scales.shape[1] == 1
     group, scales, zeros = _int4_groups(scales, zeros, codes.shape[1], group_size)
     shift = (8 - zeros).clamp(0, 16 - 2**bits)
     scales = scales.to(torch.bfloat16).float()  # the zero term from the scale the kernel will use
     packed = _pack_int4(_shift_codes(codes, shift) if bits < 4 else codes)
-    return Int4Kernel(packed, _scales_and_zeros(scales, scales * (8 - shift - zeros)), group, bits, max_tokens)
+    scales_and_zeros = _scales_and_zeros(scales, scales * (8 - shift - zeros))
+    return Int4Kernel(packed, scales_and_zeros, group, bits, max_tokens, per_channel=per_channel)
 
 
 def _prepare_int4x2(codes, scales, zeros, bits: int, group_size: int, max_tokens: int | None) -> Int4Kernel:
