@@ -60,7 +60,7 @@ __all__ = [
 INT4_GROUP_SIZES = (256, 128, 64, 32)
 # Rows of x above which decoding the weight to bf16 + bf16 F.linear beats the low-bit kernel (measured crossovers,
 # benchmarks/lowbit_kernels.py): int8's dense form is a cast, int4's an unpack + dequantize, so theirs differ.
-MAX_TOKENS = {"int4pack": 96, "int4x2pack": 64, "int8pack": 16}
+MAX_TOKENS = {"int4pack": 80, "int4x2pack": 64, "int8pack": 16}
 _OFFSET = 136  # 16 * 8 + 8: the two-nibble split's offset, so that 16 (hi - 8) + (lo - 8) = u - 136
 
 
