@@ -297,9 +297,9 @@ def per_bit(
     """``{bits: metric_fn(model)}`` with the QuEPT ``model`` switched to each bit-width in turn.
 
     ``bits`` defaults to every bit-width of the model's `QuEPTConfig` plus ``16`` (the float reference, to compare
-    against); stored mixed-plan names (``"mixed-3.25"``) may be listed too. Everything is checked before the first
-    (possibly long) evaluation, and the bit-width (or mixed plan) active before the call is restored afterwards,
-    also when ``metric_fn`` raises.
+    against; not for a frozen model, which keeps no float weights); stored mixed-plan names (``"mixed-3.25"``) may
+    be listed too. Everything is checked before the first (possibly long) evaluation, and the bit-width (or mixed
+    plan) active before the call is restored afterwards, also when ``metric_fn`` raises.
     """
     wanted = _resolve_bits(model, bits)
     previous = _active_setting(model)
@@ -317,7 +317,7 @@ def per_bit(
 def _resolve_bits(model: nn.Module, bits: Iterable[int | str] | None) -> list[int | str]:
     """The bit-widths / plan names to evaluate, all checked up front (a typo should not waste a long run)."""
     config = quept_config(model)
-    available = [*config.bits, FLOAT_BITS]
+    available = [*config.bits] if config.is_frozen else [*config.bits, FLOAT_BITS]  # frozen: no float weights
     wanted = available if bits is None else list(bits)
     if not wanted:
         raise ValueError("per_bit: no bit-width to evaluate")

@@ -88,6 +88,14 @@ def test_switching_never_runs_the_quantizer(frozen, monkeypatch):
         logits(frozen, ids())
 
 
+def test_per_bit_evaluates_every_kept_width(frozen):
+    from quept_hf.evaluation import per_bit
+
+    frozen.set_adapter("w5")
+    results = per_bit(frozen, lambda m: quept_hf.get_bits(m))
+    assert results == {b: b for b in ALL_BITS} and quept_hf.get_bits(frozen) == 5
+
+
 def test_subset_of_widths_and_plans(elastic):
     small = freeze(elastic, bits=[3, 8], plans=[])
     config = quept_hf.quept_config(small)
