@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from quept_hf.nn.functional import num_groups
+from quept_hf.nn.functional import num_groups, quantize_weight_codes
 from quept_hf.packing import kernels
 from quept_hf.packing.kernels import MAX_TOKENS, kernel_support, prepare_kernel
 from quept_hf.packing.linear import dequantize_codes
@@ -205,3 +205,19 @@ def test_own_int4_packing_equals_the_op(shape: tuple[int, int]) -> None:
     packed = kernels._pack_int4(codes)
     assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2))
     assert torch.equal(kernels._unpack_int4(packed, kernels._int4_layout()), codes)
+
+
+@pytest.mark.parametrize("bits,group_size", [(2, 128), (3, 64), (4, -1), (5, 64), (8, -1), (8, 128)])
+def test_quantizer_output_of_a_weight_with_one_signed_rows(bits: int, group_size: int) -> None:
+    """Codes from the real quantizer: rows shifted to one sign put zero points outside the code range; the kernel
+    must match the fake-quant weight it stands for (`dequantize_codes` of the same codes)."""
+    gen = torch.Generator().manual_seed(9)
+    weight = torch.randn(64, 576, generator=gen) * 0.02
+    weight[:8] += 0.15  # all-positive rows: z < 0
+    weight[8:16] -= 0.15  # all-negative rows: z > 2^b - 1
+    logits = torch.full((64, num_groups(576, group_size)), 4.0)
+    codes, scales, zeros = quantize_weight_codes(weight, bits, logits, logits, group_size)
+    assert float(zeros.min()) < 0 and float(zeros.max()) > 2**bits - 1
+    kernel = prepare_kernel(codes, scales, zeros, bits, group_size, max_tokens=None)
+    x = torch.randn(3, 576, generator=gen)
+    assert _relative_error(kernel(x), _reference(x, codes, scales, zeros, group_size)) < TOLERANCE
