@@ -257,6 +257,13 @@ class QuEPTHfQuantizer(HfQuantizer):
             calibrate(model, config.dataset, tokenizer=config.tokenizer)
         return model
 
+    def get_state_dict_and_metadata(self, model):
+        """transformers' saving hook: the model's own tensors, and in the safetensors metadata the digests of the
+        config fields they depend on, which loading checks config.json against (every checkpoint kind)."""
+        from .serialization import format_record
+
+        return None, format_record(model)
+
     def is_serializable(self, safe_serialization=None) -> bool:
         return True
 
@@ -335,6 +342,7 @@ def _finish_frozen(model: nn.Module, config: QuEPTConfig) -> nn.Module:
     from .switch import install_frozen_switch, set_bits
 
     _check_all_loaded(model, (FrozenLinear, PackedLinear), "frozen")
+    _check_saved_files(model, config)
     if config.quantize_attention_probs:
         register_attention()
         model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
@@ -390,8 +398,8 @@ def _drop_previous_quantization(model: nn.Module) -> None:
 
 
 def _check_saved_files(model: nn.Module, config: QuEPTConfig) -> None:
-    """An elastic checkpoint's config.json must still describe its weights, and the adapter it lists must be there
-    (`quept_hf.serialization.check_loaded_checkpoint`)."""
+    """An elastic or frozen checkpoint's config.json must still describe its weights, and the adapter it lists must
+    be there (`quept_hf.serialization.check_loaded_checkpoint`)."""
     from .serialization import check_loaded_checkpoint
 
     check_loaded_checkpoint(model, config)

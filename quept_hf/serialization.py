@@ -446,6 +446,11 @@ def _format_metadata(fields: Mapping[str, Any]) -> dict[str, str]:
     return {FORMAT_KEY: json.dumps(_digests(fields), sort_keys=True)} if fields else {}
 
 
+def format_record(model: nn.Module) -> dict[str, str]:
+    """The safetensors metadata entry (`FORMAT_KEY`) of a QuEPT model: digests of its config's format fields."""
+    return _format_metadata(_quept_fields(model))
+
+
 def _quept_fields(model: nn.Module) -> dict[str, Any]:
     config = getattr(getattr(model, "config", None), "quantization_config", None)
     return config.format_fields() if isinstance(config, QuEPTConfig) else {}

@@ -169,6 +169,17 @@ def test_kinds_are_never_taken_for_each_other(elastic, frozen, tmp_path):
             AutoModelForCausalLM.from_pretrained(tmp_path / folder)
 
 
+def test_edited_format_fields_are_refused(frozen, tmp_path):
+    """config.json's fields the codes depend on are checked against the digest saved with the tensors."""
+    frozen.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    data = json.loads(path.read_text())
+    data["quantization_config"]["rotation"] = True
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="rotation"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
 def test_format_version_from_the_future_is_refused(frozen, tmp_path):
     frozen.save_pretrained(tmp_path)
     path = tmp_path / "config.json"

@@ -99,8 +99,8 @@ def frozen_config(
         checkpoint_dir=None,
     )
     kept_names = {f"w{b}" for b in uniform} | set(plan_maps)
-    if data.get("adapters"):
-        data["adapters"] = {k: v for k, v in data["adapters"].items() if k in kept_names}
+    if data.get("adapters"):  # the bit-switch metadata of the kept widths; no MB-CLoRA rank: the deltas are baked in
+        data["adapters"] = {k: {**v, "rank": None} for k, v in data["adapters"].items() if k in kept_names}
     return QuEPTConfig.from_dict(data)
 
 
