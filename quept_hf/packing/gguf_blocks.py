@@ -111,8 +111,8 @@ def quantize_symmetric(qtype: str, y: np.ndarray, quept_scale: np.ndarray | None
     """
     low, high = SYMMETRIC[qtype]
     candidates = _absmax_candidates(y, low, high)
-    if quept_scale is not None:
-        candidates = np.concatenate([quept_scale[:, None], candidates], axis=1)
+    if quept_scale is not None:  # +s and -s: a negative d mirrors c - z into the type's lopsided range
+        candidates = np.concatenate([quept_scale[:, None], -quept_scale[:, None], candidates], axis=1)
     d = _best_scale(y, _f16(candidates), low, high)
     k = _round_clip(y, d[:, None], low, high)
     if qtype == "Q8_0":
@@ -154,7 +154,7 @@ def _super_scale(sub: np.ndarray, y: np.ndarray, value_range: tuple[int, int], s
 def _sub_candidates(y: np.ndarray, quept_scale: np.ndarray | None, low: int, high: int) -> np.ndarray:
     candidates = _absmax_candidates(y, low, high)
     if quept_scale is not None:
-        candidates = np.concatenate([quept_scale[:, None], candidates], axis=1)
+        candidates = np.concatenate([quept_scale[:, None], -quept_scale[:, None], candidates], axis=1)
     return candidates
 
 
