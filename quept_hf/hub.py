@@ -63,7 +63,7 @@ from .serialization import (
     pushing_to,
     save_elastic,
 )
-from .switch import quept_config
+from .switch import check_plans, quept_config
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ def _checked_load_adapter(self, *args, **kwargs):
         check_slices_loaded(getattr(info, "missing_keys", ()), found[1], found[0])
     if found is not None:
         check_adapter_format(source, found[1], getattr(self.config, "_commit_hash", None))
+        check_plans(self)
     return info
 
 

@@ -243,8 +243,9 @@ class QuEPTHfQuantizer(HfQuantizer):
             for param in (layer.weight, layer.bias, *clips):
                 if param is not None:
                     param.requires_grad_(False)
-        from .switch import set_bits
+        from .switch import check_plans, set_bits
 
+        check_plans(model)
         set_bits(model, config.default_bits)
         _install_hub_hooks(model)
         if config.quantize_attention_probs:
@@ -339,7 +340,7 @@ def _finish_frozen(model: nn.Module, config: QuEPTConfig) -> nn.Module:
     default width (deriving its working form from the codes) and give the model its ``set_adapter`` front door."""
     from .packing.frozen import FrozenLinear
     from .packing.linear import PackedLinear
-    from .switch import install_frozen_switch, set_bits
+    from .switch import check_plans, install_frozen_switch, set_bits
 
     _check_all_loaded(model, (FrozenLinear, PackedLinear), "frozen")
     _check_saved_files(model, config)
@@ -347,6 +348,7 @@ def _finish_frozen(model: nn.Module, config: QuEPTConfig) -> nn.Module:
         register_attention()
         model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
     _install_transforms(model, config, rotate=False)
+    check_plans(model)
     set_bits(model, config.default_bits)
     install_frozen_switch(model)
     return model

@@ -96,6 +96,7 @@ def _set_plan(model: nn.Module, name: str) -> None:
             return
         raise ValueError(f"no bit-width or plan named {name!r}; this model provides {available}")
     plan = {module: int(b) for module, b in config.plans[name]["bits"].items()}
+    check_plans(model)
     adapters = mbclora_layers(model)
     if not adapters:
         set_layer_bits(model, plan)
@@ -103,6 +104,29 @@ def _set_plan(model: nn.Module, name: str) -> None:
     for elastic in adapter_configs(model):  # a plan made before the adapter was attached: teach it the plan
         elastic.plans.setdefault(name, plan)
     _activate(model, adapters, name)
+
+
+def check_plans(model: nn.Module) -> None:
+    """Every stored mixed plan (config.json's and the MB-CLoRA adapter's) names quantized linears of this model at
+    widths they keep: a plan naming other modules would switch nothing and still answer to its name."""
+    layers = switchable_layers(model)
+    plans = {name: entry["bits"] for name, entry in quept_config(model).plans.items()}
+    for elastic in adapter_configs(model):
+        plans.update(elastic.plans)
+    for name, plan in plans.items():
+        unknown = sorted(set(plan) - set(layers))
+        if unknown:
+            raise ValueError(
+                f"mixed plan {name!r} names {len(unknown)} module(s) that are not quantized linears of this model, "
+                f"e.g. {unknown[:3]} (quantized linears are named like {sorted(layers)[:2]}); re-plan with "
+                "quept_hf.plan_mixed_precision"
+            )
+        bad = {module: b for module, b in plan.items() if b not in layers[module].bits}
+        if bad:
+            module = next(iter(bad))
+            raise ValueError(
+                f"mixed plan {name!r} sets {dict(list(bad.items())[:3])}; {module} offers {layers[module].bits}"
+            )
 
 
 def adapter_configs(model: nn.Module) -> list[MBCLoRAConfig]:

@@ -448,3 +448,30 @@ def test_flipped_byte_in_a_tensor_file_is_refused(saved, name, monkeypatch):
         _load(folder)
     monkeypatch.setenv("QUEPT_FILE_DIGESTS", "0")  # the opt-out for huge models: loads, unchecked
     _load(folder)
+
+
+# ------------------------------------------------------------------------------------ 9. mixed plans
+
+
+def test_plan_naming_unknown_modules_is_refused(tiny_llama_dir, tmp_path):
+    """A stored plan naming modules the model does not have would switch nothing: refused when used and on load."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    import quept_hf
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=quept_hf.QuEPTConfig()).eval()
+    config = quept_hf.quept_config(model)
+    config.plans["mixed-x"] = {"bits": {"model.layers.9.mlp.down_proj": 3}}
+    with pytest.raises(ValueError, match=r"mixed plan 'mixed-x' names 1 module\(s\).*layers\.9"):
+        quept_hf.set_bits(model, "mixed-x")
+    assert quept_hf.get_bits(model) == 8  # nothing switched
+    config.plans["mixed-x"] = {"bits": {"model.layers.0.mlp.down_proj": 3}}
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    data = json.loads(path.read_text())
+    data["quantization_config"]["plans"]["mixed-x"]["bits"] = {"model.layers.9.mlp.down_proj": 3}
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="mixed plan 'mixed-x' names"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
