@@ -1,8 +1,10 @@
 """Low-bit CPU kernels (`quept_hf.packing.kernels`) against the float64 reference ``x @ (s * (q - z)).T``.
 
-Tolerance: max abs error / max abs reference < 1e-2. The kernels round the input, the scales, the zero terms and
-the output to bf16 once each (unit roundoff 2^-9 ~ 0.2%), accumulating in fp32; the worst case seen over these
-cases is ~0.6%. A wrong offset, zero convention or group mapping gives errors of 10-100%, far above it.
+Tolerance: max abs error / max abs reference < 2e-2. The kernels round the input, the scales, the zero terms and
+the output to bf16 once each (unit roundoff 2^-9 ~ 0.2%), accumulating in fp32. Over these cases the worst seen
+is 0.75% (int4; int8 0.4%), against 0.55% for plain bf16 ``F.linear`` on the bf16-rounded dequantized weight, so
+the kernels cost about what bf16 itself costs; 2e-2 leaves room for another CPU's accumulation order. A wrong
+offset, zero convention, nibble layout or group mapping gives errors of 10-100% (each was tried: the tests fail).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from quept_hf.packing.linear import dequantize_codes
 
 pytestmark = pytest.mark.skipif(not kernels._ops_available(), reason="torch lacks the int4/int8 CPU ops")
 
-TOLERANCE = 1e-2
+TOLERANCE = 2e-2
 ALL_BITS = range(2, 9)
 GROUP_SIZES = (-1, 32, 64, 128)
 SHAPES = ((64, 256), (48, 192))  # (out, in); 192 in groups of 128: a partial last group of 64
@@ -101,7 +103,7 @@ def test_three_d_input_and_output_dtype(bits: int, group_size: int) -> None:
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         out = kernel(x.to(dtype))
         assert out.dtype == dtype and out.shape == (3, 4, 48)
-        assert _relative_error(out, ref) < 2 * TOLERANCE  # bf16 / fp64 inputs: one more rounding at most
+        assert _relative_error(out, ref) < TOLERANCE
 
 
 @pytest.mark.parametrize("bits", ALL_BITS)
