@@ -62,14 +62,20 @@ def best_ms(fn: Callable[[], object], repeats: int, calls: int = 1) -> float:
     return min(times) * 1e3
 
 
-def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int, calls: int = 1) -> dict[str, float]:
+def interleaved_ms(
+    fns: dict[str, Callable[[], object]], repeats: int, calls: int = 1, warm: bool = True
+) -> dict[str, float]:
     """`best_ms` of several functions, timed round-robin: a load spike from other processes then hits every
-    variant alike instead of one block of repetitions, which keeps the speed-up ratios honest."""
+    variant alike instead of one block of repetitions, which keeps the speed-up ratios honest. ``warm``: each
+    timed call follows an untimed one of the same function, so its weight is back in cache (the other variants'
+    weights evicted it); the cold regime passes ``False`` (its rotation defeats the cache by design)."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {label: [] for label in fns}
     for _ in range(repeats):
         for label, fn in fns.items():
+            if warm:
+                fn()
             start = time.perf_counter()
             fn()
             times[label].append((time.perf_counter() - start) / calls)
@@ -128,7 +134,8 @@ def measure(shape, config, tokens: list[int], args) -> list[dict]:
         row["dequant+fp32_ms"] = best_ms(partial(reference, x, codes, scales, zeros, group_size), 5)
         for regime, count in (("hot", 1), ("cold", copies)):
             fns = {label: rotating(fn, objects[:count], x) for label, (objects, fn) in variants.items()}
-            times = interleaved_ms(fns, args.repeats if count == 1 else max(3, args.repeats // 3), count)
+            hot = count == 1
+            times = interleaved_ms(fns, args.repeats if hot else max(3, args.repeats // 3), count, warm=hot)
             rows.append(dict(row, regime=regime, **{f"{k}_ms": v for k, v in times.items()}))
             rows[-1].update(
                 kernel_vs_fp32=times["fp32"] / times["kernel"],
