@@ -475,3 +475,15 @@ def test_plan_naming_unknown_modules_is_refused(tiny_llama_dir, tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="mixed plan 'mixed-x' names"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    import quept_hf
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=quept_hf.QuEPTConfig()).eval()
+    ids = torch.randint(0, 128, (4, 16))
+    ids[0, 0], ids[1, 3] = 0, 128
+    with pytest.raises(ValueError, match=r"token ids must lie in 0\.\.127.*found 0\.\.128"):
+        quept_hf.calibrate(model, ids, epochs=0, num_samples=4, seq_len=16)

@@ -10,7 +10,12 @@ import torch
 
 
 def text_windows(
-    data: Any, tokenizer: Any = None, num_samples: int = 128, seq_len: int = 2048, seed: int = 0
+    data: Any,
+    tokenizer: Any = None,
+    num_samples: int = 128,
+    seq_len: int = 2048,
+    seed: int = 0,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Token windows (num_samples, seq_len) from any of the accepted calibration inputs.
 
@@ -19,6 +24,7 @@ def text_windows(
     with blank lines, tokenised once, and windows start at seeded random offsets (GPTQ/OmniQuant style).
     """
     ids = _token_stream(data, tokenizer)
+    _check_ids(ids, vocab_size)
     if ids.dim() == 2 and ids.shape[1] >= seq_len and _is_pretokenised(data):
         return _sample_rows(ids, num_samples, seq_len, seed)
     ids = ids.flatten()
@@ -30,6 +36,18 @@ def text_windows(
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (num_samples,), generator=generator)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def _check_ids(ids: torch.Tensor, vocab_size: int | None) -> None:
+    """Token ids the model cannot embed fail here, naming the range, not deep in an embedding lookup."""
+    if ids.numel() == 0 or vocab_size is None:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"calibration data: token ids must lie in 0..{vocab_size - 1} (the model's vocabulary), found "
+            f"{low}..{high}: check the tokenizer matches the model"
+        )
 
 
 def _is_pretokenised(data: Any) -> bool:

@@ -111,7 +111,7 @@ def calibrate(
         tokenizer = processor or config.processor or config.image_processor or tokenizer
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     _ensure_adapters(model, config, settings.seed)
-    batches = _model_batches(arch, dataset, tokenizer, settings)
+    batches = _model_batches(arch, dataset, tokenizer, settings, _vocab_size(base))
     _run(base, arch, batches, config, settings)
     config.calibrated = True
     config.dataset_description = describe(dataset)
@@ -147,12 +147,20 @@ def _ensure_adapters(model: nn.Module, config: QuEPTConfig, seed: int) -> None:
         torch.random.set_rng_state(state)
 
 
-def _model_batches(arch: Architecture, dataset: Any, tokenizer: Any, settings: QuEPTConfig) -> list[dict]:
+def _vocab_size(model: nn.Module) -> int | None:
+    """Rows of the input embedding: the token ids a model can read (None when it has no token embedding)."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return getattr(embedding, "num_embeddings", None)
+
+
+def _model_batches(
+    arch: Architecture, dataset: Any, tokenizer: Any, settings: QuEPTConfig, vocab_size: int | None
+) -> list[dict]:
     if arch.input_kind != "text":
         from .data import image_batches
 
         return image_batches(dataset, tokenizer, settings, kind=arch.input_kind)
-    ids = text_windows(dataset, tokenizer, settings.num_samples, settings.seq_len, settings.seed)
+    ids = text_windows(dataset, tokenizer, settings.num_samples, settings.seq_len, settings.seed, vocab_size)
     return [{"input_ids": ids[i : i + settings.batch_size]} for i in range(0, len(ids), settings.batch_size)]
 
 
