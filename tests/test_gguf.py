@@ -241,7 +241,7 @@ def wide_llama(tmp_path_factory) -> str:
     return str(folder)
 
 
-K_BOUNDS = {2: 0.10, 3: 0.02, 6: 0.01}  # relative RMS error against QuEPT's weight; measured max 0.044, 0.0069, 0.0043
+K_BOUNDS = {2: 0.05, 3: 0.02, 6: 0.01}  # relative RMS error against QuEPT's weight; measured max 0.021, 0.0069, 0.0043
 
 
 @pytest.mark.parametrize("bits", [2, 3, 6])

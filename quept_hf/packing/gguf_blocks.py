@@ -217,16 +217,44 @@ def quantize_k_asymmetric(y: np.ndarray, quept_scale: np.ndarray | None, quept_m
     a_cand, b_cand = _affine_candidates(ys, quept_scale, quept_min)
     a, b = _best_affine(ys, a_cand, b_cand)
     a, b = a.reshape(n, SUB), b.reshape(n, SUB)
-    d = _f16(a.max(axis=1) / 15)
-    dmin = _f16(b.max(axis=1) / 15)
-    sc = _round_clip(a, d[:, None], 0, 15)
-    m = _round_clip(b, dmin[:, None], 0, 15)
     y3 = y.reshape(n, SUB, SUB)
-    eff_a = (d[:, None] * sc)[:, :, None]
-    eff_b = (dmin[:, None] * m)[:, :, None]
-    q = _round_clip(y3 + eff_b, eff_a, 0, 3).reshape(n, QK_K)
+    d, dmin = _q2k_super_scales(y3, a, b)
+    sc, m, q = _q2k_round(y3, a, b, d, dmin)
+    q = q.reshape(n, QK_K)
     scales = (sc.astype(np.uint8) | (m.astype(np.uint8) << np.uint8(4))).reshape(n, SUB)
     return np.concatenate([scales, _crumbs(q, 2), _f16_bytes(d), _f16_bytes(dmin)], axis=1)
+
+
+def _q2k_round(y3: np.ndarray, a: np.ndarray, b: np.ndarray, d: np.ndarray, dmin: np.ndarray):
+    """4-bit sub-scales and mins on the super scales ``d``/``dmin`` ``(n,)``, then the 2-bit codes of ``y3``."""
+    sc = _round_clip(a, d[:, None], 0, 15)
+    m = _round_clip(b, dmin[:, None], 0, 15)
+    eff_a = (d[:, None] * sc)[:, :, None]
+    eff_b = (dmin[:, None] * m)[:, :, None]
+    return sc, m, _round_clip(y3 + eff_b, eff_a, 0, 3)
+
+
+def _q2k_error(y3, a, b, d, dmin) -> np.ndarray:
+    sc, m, q = _q2k_round(y3, a, b, d, dmin)
+    x = (d[:, None] * sc)[:, :, None] * q - (dmin[:, None] * m)[:, :, None]
+    return ((y3 - x) ** 2).sum(axis=(1, 2))
+
+
+def _q2k_super_scales(y3: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``d = fp16(max a / n)``, then ``dmin = fp16(max b / n')``, each divisor searched in 15..8 on ``y3``'s
+    error (the other scale held): two QuEPT groups per superblock rarely have scales in a 4-bit ratio, and
+    the best common step is often not the one that puts the largest on 15."""
+    amax, bmax = a.max(axis=1), b.max(axis=1)
+    d, dmin = _f16(amax / 15), _f16(bmax / 15)
+    for which in ("d", "dmin"):
+        best_err = _q2k_error(y3, a, b, d, dmin)
+        for n in range(14, 7, -1):
+            trial_d, trial_m = (_f16(amax / n), dmin) if which == "d" else (d, _f16(bmax / n))
+            err = _q2k_error(y3, a, b, trial_d, trial_m)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            d, dmin = np.where(better, trial_d, d), np.where(better, trial_m, dmin)
+    return d, dmin
 
 
 def _affine_candidates(ys: np.ndarray, scale: np.ndarray | None, minimum: np.ndarray | None):
