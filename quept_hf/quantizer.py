@@ -39,8 +39,6 @@ def replace_linears(
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or _matches(name, skip):
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         new = QuEPTLinear.from_linear(
             module,
             bits=config.bits,
@@ -49,7 +47,7 @@ def replace_linears(
             activation_granularity=activation_granularity,
         )
         new.set_bits(config.default_bits)
-        setattr(parent, child, new)
+        _replace(model, name, new)
         swapped.append(name)
     return swapped
 
@@ -65,14 +63,7 @@ def replace_packed_linears(model: nn.Module, config: QuEPTConfig) -> list[str]:
     activation_bits = config.packed.get("activation_bits") or {}
     per_tensor = set(config.packed.get("per_tensor_activations") or [])
     for name, bits in config.packed["bits"].items():
-        parent_name, _, child = name.rpartition(".")
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            module = None
-        if type(module) is not nn.Linear:
-            found = "nothing" if module is None else type(module).__name__
-            raise ValueError(f"The packed QuEPT checkpoint names {name!r}; {type(model).__name__} has {found} there")
+        module = _linear_named(model, name, "packed")
         new = PackedLinear(
             module.in_features,
             module.out_features,
@@ -84,7 +75,7 @@ def replace_packed_linears(model: nn.Module, config: QuEPTConfig) -> list[str]:
             device=module.weight.device,
             dtype=module.weight.dtype,
         )
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        _replace(model, name, new)
     return list(config.packed["bits"])
 
 
@@ -110,8 +101,7 @@ def replace_frozen_linears(model: nn.Module, config: QuEPTConfig) -> list[str]:
             device=module.weight.device,
             dtype=module.weight.dtype,
         )
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        _replace(model, name, new)
     head = config.frozen.get("head")
     if head is not None:
         module = _linear_named(model, head["module"], "frozen")
@@ -125,9 +115,14 @@ def replace_frozen_linears(model: nn.Module, config: QuEPTConfig) -> list[str]:
             dtype=module.weight.dtype,
         )
         new.set_weight_form("dequantized")
-        parent_name, _, child = head["module"].rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        _replace(model, head["module"], new)
     return list(config.frozen["bits"])
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the module ``name`` is."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def _linear_named(model: nn.Module, name: str, kind: str) -> nn.Linear:
