@@ -287,12 +287,19 @@ def test_weight_activation_with_rotation_and_kv_cache(tiny_llama_dir, tmp_path):
     assert_same_at_every_width(elastic, AutoModelForCausalLM.from_pretrained(tmp_path).eval(), widths, ids(6))
 
 
-@pytest.mark.parametrize("family", ["bert", "vit", "llava", "qwen2_vl"])
-def test_architectures_freeze_save_and_reload_exactly(family, tmp_path):
-    """Tiny BERT / ViT (W+A, per-tensor activations, pinned layers) / VLMs: calibrate briefly, freeze, reload."""
+MODES = {"weight_only": dict(group_size=16, ranks=[2] * 4), "weight_activation": dict(lr_scaling="none", ranks=[2] * 3)}
+
+
+@pytest.mark.parametrize(
+    ("family", "mode"),
+    [("bert", "weight_only"), ("vit", "weight_activation"), ("vit", "weight_only"), ("llava", "weight_only"),
+     ("llava", "weight_activation"), ("qwen2_vl", "weight_only")],
+)  # fmt: skip
+def test_architectures_freeze_save_and_reload_exactly(family, mode, tmp_path):
+    """Tiny BERT / ViT (W+A: per-tensor activations, pinned layers) / VLMs in both modes: calibrate briefly, freeze,
+    switch, save and reload: every width bit-identical to the elastic model."""
     tiny = getattr(tiny_models, family)(tmp_path)
-    mode = dict(mode="weight_activation", lr_scaling="none") if family == "vit" else dict(group_size=16)
-    elastic = tiny.load(ranks=[2] * (3 if family == "vit" else 4), num_samples=4, batch_size=2, epochs=1, **mode)
+    elastic = tiny.load(mode=mode, num_samples=4, batch_size=2, epochs=1, **MODES[mode])
     elastic.eval()
     frozen = freeze(elastic)
     widths = [f"w{b}" for b in quept_hf.quept_config(elastic).bits]
