@@ -74,7 +74,10 @@ def load_source(model: str, quantization_config=None):
             quept_hf.quantize_model(loaded, quantization_config)
         return loaded, tokenizer
     tokenizer = AutoTokenizer.from_pretrained(model)
-    loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, quantization_config=quantization_config)
+    # An explicit quantization_config=None makes transformers (5.23) drop a saved one: a QuEPT folder would
+    # load as a plain model, so pass it only when there is one.
+    kwargs = {} if quantization_config is None else {"quantization_config": quantization_config}
+    loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, **kwargs)
     return loaded, tokenizer
 
 
