@@ -11,9 +11,9 @@ a transformers folder with packed weights that ``from_pretrained`` loads through
 from .codec import pack, packed_cols, unpack
 from .export import QuantizedLinear, export, pack_model, quantize_layers, resolve_plan
 from .freeze import freeze
-from .frozen import FrozenLinear
+from .frozen import FrozenLinear, set_weight_form
 from .linear import PackedLinear, set_weight_cache
-from .working import WEIGHT_FORMS, dequantize_codes, set_weight_form
+from .working import WEIGHT_FORMS, dequantize_codes
 
 __all__ = [
     "WEIGHT_FORMS",

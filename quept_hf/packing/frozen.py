@@ -29,9 +29,10 @@ from torch import nn
 
 from ..nn.functional import fake_quantize_activation, fake_quantize_activation_static, num_groups
 from .codec import MAX_BITS, MIN_BITS, packed_cols, unpack
+from .linear import PackedLinear
 from .working import WEIGHT_FORMS, WorkingWeight, dequantize_codes, versions
 
-__all__ = ["FrozenLinear"]
+__all__ = ["FrozenLinear", "set_weight_form"]
 
 
 def _frozen(tensor: torch.Tensor) -> nn.Parameter:
@@ -187,3 +188,18 @@ class FrozenLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"kept bits={self.bits}, active_bits={self.active_bits}, mode={mode}, weight_form={self.weight_form}"
         )
+
+
+def set_weight_form(model: nn.Module, form: str) -> int:
+    """Run every `FrozenLinear` (and `PackedLinear`) of ``model`` with working form ``form`` (`WEIGHT_FORMS`).
+
+    ``"dequantized"``: exact (the elastic model's logits); ``"kernel"``: low-bit matmul kernels where a layer's
+    shape and width allow one (smaller and faster on CPU for decoding, bf16 arithmetic); ``"none"``: no working
+    copy (smallest). Returns the number of layers set.
+    """
+    if form not in WEIGHT_FORMS:
+        raise ValueError(f"set_weight_form: form={form!r} is unknown; allowed: {list(WEIGHT_FORMS)}")
+    layers = [m for m in model.modules() if isinstance(m, (FrozenLinear, PackedLinear))]
+    for layer in layers:
+        layer.set_weight_form(form)
+    return len(layers)

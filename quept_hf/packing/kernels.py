@@ -65,6 +65,7 @@ INT4_GROUP_SIZES = (256, 128, 64, 32)
 # Rows of x above which decoding the weight to bf16 + bf16 F.linear beats the low-bit kernel (measured crossovers,
 # benchmarks/lowbit_kernels.py): int8's dense form is a cast, int4's an unpack + dequantize, so theirs differ.
 MAX_TOKENS = {"int4pack": 80, "int4x2pack": 64, "int8pack": 16}
+_DENSE_SLAB = 1 << 20  # weights decoded per step of the dense path: 2 MiB of bf16, about one core's L2
 _OFFSET = 136  # 16 * 8 + 8: the two-nibble split's offset, so that 16 (hi - 8) + (lo - 8) = u - 136
 
 
@@ -141,10 +142,22 @@ class LowBitKernel:
         raise NotImplementedError
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(torch.bfloat16), self.dense_weight())
+        """bf16 ``F.linear`` on the weight decoded a slab of output rows at a time: each slab is consumed while it
+        is still in cache, and no layer-sized temporary is allocated (above 32 MiB glibc maps fresh pages for
+        every allocation, and faulting them in cost 4-5x the matmul on a 4096x4096 layer here)."""
+        x_bf16, x_sum = x.to(torch.bfloat16), x.float().sum(-1)
+        step = max(64, _DENSE_SLAB // self.in_features // 64 * 64)  # whole int4 row blocks
+        if step >= self.out_features:
+            return self._dense_rows(x_bf16, x_sum, 0, self.out_features)
+        slabs = range(0, self.out_features, step)
+        return torch.cat([self._dense_rows(x_bf16, x_sum, a, min(a + step, self.out_features)) for a in slabs], -1)
 
-    def dense_weight(self) -> torch.Tensor:
-        """The weight as bf16 ``(out, in)``, decoded from the low-bit layout (transient: not kept)."""
+    def _dense_rows(self, x_bf16: torch.Tensor, x_sum: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Output columns ``start:stop`` of the dense path (``x_sum``: the fp32 row sums of x, for zero terms)."""
+        return F.linear(x_bf16, self.dense_weight(start, stop))
+
+    def dense_weight(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of the weight as bf16 ``(out, in)``, decoded from the low-bit layout (transient)."""
         raise NotImplementedError
 
     def tensors(self) -> list[torch.Tensor]:
@@ -184,19 +197,20 @@ class Int8Kernel(LowBitKernel):
         out = torch.ops.aten._weight_int8pack_mm.default(x_bf16, self.weight, self.scales)
         return out if self.correction is None else self._corrected(out, x)
 
-    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+    def _dense_rows(self, x_bf16: torch.Tensor, x_sum: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         # Per-channel: the scale factors out of the K sum, and int8 codes are exact in bf16, so only a cast.
-        out = F.linear(x.to(torch.bfloat16), self.weight.to(torch.bfloat16)).float().mul_(self.scales.float())
-        return out if self.correction is None else self._corrected(out, x)
+        out = F.linear(x_bf16, self.weight[start:stop].to(torch.bfloat16)).float()
+        out.mul_(self.scales[start:stop].float())
+        return out if self.correction is None else torch.addr(out, x_sum, self.correction[start:stop])
 
     def _corrected(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``out + sum(x) (x) s * (c - z)`` in fp32: the zero point the int8 shift could not absorb."""
         return torch.addr(out.float(), x.float().sum(-1), self.correction)
 
-    def dense_weight(self) -> torch.Tensor:
-        weight = self.weight.float().mul_(self.scales.float().unsqueeze(-1))
+    def dense_weight(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        weight = self.weight[start:stop].float().mul_(self.scales[start:stop].float().unsqueeze(-1))
         if self.correction is not None:
-            weight.add_(self.correction.unsqueeze(-1))
+            weight.add_(self.correction[start:stop].unsqueeze(-1))
         return weight.to(torch.bfloat16)
 
     def tensors(self) -> list[torch.Tensor]:
@@ -231,19 +245,19 @@ class Int4Kernel(LowBitKernel):
             x_bf16, self.packed, self.group, self.scales_and_zeros
         )
 
-    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+    def _dense_rows(self, x_bf16: torch.Tensor, x_sum: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         if not self.per_channel:
-            return super()._dense(x)
+            return super()._dense_rows(x_bf16, x_sum, start, stop)
         # x @ (s (u - 8) + zero).T = s * (x @ (u - 8).T) + sum(x) * zero: the codes only need a cast (exact in bf16).
-        signed = _unpack_int4(self.packed, _int4_layout()).sub_(8).view(torch.int8)  # uint8 wrap-around
-        out = F.linear(x.to(torch.bfloat16), signed.to(torch.bfloat16)).float()
-        scales, zero_terms = self.scales_and_zeros[0].float().unbind(-1)
-        return torch.addr(out.mul_(scales), x.float().sum(-1), zero_terms)
+        signed = _unpack_int4(self.packed[start:stop], _int4_layout()).sub_(8).view(torch.int8)  # uint8 wrap-around
+        out = F.linear(x_bf16, signed.to(torch.bfloat16)).float()
+        scales, zero_terms = self.scales_and_zeros[0, start:stop].float().unbind(-1)
+        return torch.addr(out.mul_(scales), x_sum, zero_terms)
 
-    def dense_weight(self) -> torch.Tensor:
-        out_features, cols = self.out_features, self.in_features
-        nibbles, offset = _unpack_int4(self.packed, _int4_layout()), 8
-        scales_and_zeros = self.scales_and_zeros
+    def dense_weight(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        packed, scales_and_zeros = self.packed[start:stop], self.scales_and_zeros[:, start:stop]
+        out_features, cols = packed.shape[0], self.in_features
+        nibbles, offset = _unpack_int4(packed, _int4_layout()), 8
         if self.repeat > 1:  # the two nibbles back into u = 16 hi + lo: 16 s (hi - 8) + s (lo - 8) = s (u - 136)
             nibbles = (nibbles[:, :cols] << 4).bitwise_or_(nibbles[:, cols:])
             scales_and_zeros, offset = scales_and_zeros[scales_and_zeros.shape[0] // 2 :], _OFFSET

@@ -3,7 +3,7 @@
 `quept_hf.packing.frozen.FrozenLinear` (codes of several bit-widths) and `quept_hf.packing.linear.PackedLinear`
 (one) both hold packed codes, scales and zero points, and neither keeps a float weight on disk. At run time each
 derives ONE working form of its active codes, on a switch or after loading, and keeps it until the next switch.
-`WEIGHT_FORMS` (set per model by `set_weight_form`):
+`WEIGHT_FORMS` (set per model by `quept_hf.packing.frozen.set_weight_form`):
 
 * ``"dequantized"``: ``s * (q - z)`` in the layer's float dtype, bitwise the elastic model's fake-quant weight
   (exact logits); resident: one float copy of the active width;
@@ -20,9 +20,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-__all__ = ["WEIGHT_FORMS", "WorkingWeight", "dequantize_codes", "set_weight_form", "versions"]
+__all__ = ["WEIGHT_FORMS", "WorkingWeight", "dequantize_codes", "versions"]
 
 WEIGHT_FORMS = ("dequantized", "kernel", "kernel-all", "none")
 
@@ -89,18 +88,3 @@ def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     # ``x * s`` rounds exactly like the fake quantizer's ``s * x``.
     grouped.sub_(zeros.unsqueeze(-1)).mul_(scales.unsqueeze(-1))
     return grouped.view(out_features, -1)[:, :in_features]
-
-
-def set_weight_form(model: nn.Module, form: str) -> int:
-    """Run every `FrozenLinear` (and `PackedLinear`) of ``model`` with working form ``form`` (`WEIGHT_FORMS`).
-
-    ``"dequantized"``: exact (the elastic model's logits); ``"kernel"``: low-bit matmul kernels where a layer's
-    shape and width allow one (smaller and faster on CPU for decoding, bf16 arithmetic); ``"none"``: no working
-    copy (smallest). Returns the number of layers set.
-    """
-    if form not in WEIGHT_FORMS:
-        raise ValueError(f"set_weight_form: form={form!r} is unknown; allowed: {list(WEIGHT_FORMS)}")
-    layers = [m for m in model.modules() if hasattr(m, "set_weight_form") and hasattr(m, "qweight")]
-    for layer in layers:
-        layer.set_weight_form(form)
-    return len(layers)
