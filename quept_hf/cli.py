@@ -158,6 +158,7 @@ def cmd_freeze(args: argparse.Namespace) -> None:
     frozen = quept_hf.freeze(model, bits=parse_bits(args.bits), plans=plans)
     with staged_folder(args.out) as staging:
         frozen.save_pretrained(staging)
+        quept_hf.hub.write_card_files(frozen, staging)  # the card: kept widths and plans, sizes, quality if measured
         try:
             AutoTokenizer.from_pretrained(args.model).save_pretrained(staging)
         except (OSError, ValueError):

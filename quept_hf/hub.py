@@ -51,6 +51,7 @@ from .config import FLOAT_BITS, QuEPTConfig
 from .mbclora.config import BITS_ADAPTER, MBCLORA, MBCLoRAConfig, adapter_name_for_bits
 from .mbclora.layer import MBCLoRALayer
 from .mbclora.model import check_slices_loaded
+from .packing.frozen import FrozenLinear
 from .quantizer import quept_linears
 from .serialization import (
     MANIFEST_NAME,
@@ -63,7 +64,7 @@ from .serialization import (
     pushing_to,
     save_elastic,
 )
-from .switch import check_plans, quept_config
+from .switch import check_plans, quept_config, switchable_layers
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def packed_size_bytes(model: nn.Module, bits: int | str | Mapping[str, int]) -> 
     """
     base = _unwrap(model)
     config = quept_config(base)
-    layers = quept_linears(base)
+    layers = switchable_layers(base)  # elastic or frozen
     widths = _module_bits(config, layers, bits)
     covered = {id(p) for layer in layers.values() for p in layer.parameters()}
     covered |= {id(p) for m in base.modules() if isinstance(m, MBCLoRALayer) for p in _slices(m)}
@@ -149,9 +150,13 @@ def _module_bits(config: QuEPTConfig, layers: Mapping[str, nn.Module], bits: Any
 
 def _linear_bytes(layer: nn.Module, bits: int, config: QuEPTConfig) -> int:
     bias = 0 if layer.bias is None else layer.bias.numel() * layer.bias.element_size()
-    element = layer.weight.element_size()
-    if bits >= FLOAT_BITS:
-        return layer.weight.numel() * element + bias
+    frozen = isinstance(layer, FrozenLinear)
+    element = next(iter(layer.scales.values())).element_size() if frozen else layer.weight.element_size()
+    if bits >= FLOAT_BITS:  # the float model it came from
+        return layer.in_features * layer.out_features * element + bias
+    if frozen:  # what it stores for that width
+        stored = (layer.qweight[str(bits)], layer.scales[str(bits)], layer.zeros[str(bits)])
+        return bias + sum(t.numel() * t.element_size() for t in stored)
     group_size = config.group_size[bits]
     groups = 1 if group_size == -1 else math.ceil(layer.in_features / group_size)
     codes = math.ceil(layer.out_features * layer.in_features * bits / 8)

@@ -330,6 +330,8 @@ def test_cli_freeze(elastic, tmp_path):
     )
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "frozen").eval()
     assert quept_hf.quept_config(loaded).bits == [2, 4]
+    card = (tmp_path / "frozen" / "README.md").read_text()
+    assert "w2" in card and "w4" in card and "w3" not in card
     assert_same_at_every_width(elastic, loaded, ["w2", "w4"], ids(7))
 
 
