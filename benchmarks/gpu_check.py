@@ -7,7 +7,8 @@
 2. dense bit packing on CUDA against the CPU codec, every bit-width 2..8;
 3. the calibration engine with blocks moved to CUDA one at a time (model kept on the CPU), compared with the
    same calibration on the CPU;
-4. a packed (exported) model on CUDA against the fake-quant model on CUDA.
+4. a packed (exported) model on CUDA against the fake-quant model on CUDA;
+5. a frozen model (codes of every width, reloaded onto CUDA) at several widths against its CPU logits.
 Prints one line per check and exits non-zero when one fails.
 """
 
@@ -114,6 +115,23 @@ def check_packed(folder: str) -> None:
     report("packed w3 on cuda vs fake-quant", err < 1e-3, f"max |logit difference| = {err:.2e}")
 
 
+def check_frozen(folder: str) -> None:
+    """The frozen model (codes of every width) on CUDA: each width against the CPU codes' logits, and a switch."""
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(2))
+    model = calibrated(folder, ids, False)
+    frozen = quept_hf.freeze(model)
+    out = tempfile.mkdtemp() + "/frozen"
+    frozen.save_pretrained(out)
+    on_cuda = AutoModelForCausalLM.from_pretrained(out).cuda().eval()
+    for bits in (2, 3, 4, 8):
+        frozen.set_adapter(f"w{bits}")
+        on_cuda.set_adapter(f"w{bits}")
+        with torch.no_grad():
+            a, b = frozen(ids).logits, on_cuda(ids.cuda()).logits.cpu()
+        err = (a - b).abs().max().item()
+        report(f"frozen w{bits} on cuda vs cpu codes", err < 1e-3, f"max |logit difference| = {err:.2e}")
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
@@ -121,7 +139,8 @@ def main() -> int:
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     folder = tiny_llama_dir()
     calibrations = [lambda v=v: check_calibration(folder, v) for v in VARIANTS]
-    for check in (check_hadamard, check_packing, *calibrations, lambda: check_packed(folder)):
+    frozen_checks = (lambda: check_packed(folder), lambda: check_frozen(folder))
+    for check in (check_hadamard, check_packing, *calibrations, *frozen_checks):
         try:
             check()
         except Exception as error:  # report every check, even after one breaks
