@@ -154,7 +154,7 @@ def _vocab_size(model: nn.Module) -> int | None:
 
 
 def _model_batches(
-    arch: Architecture, dataset: Any, tokenizer: Any, settings: QuEPTConfig, vocab_size: int | None
+    arch: Architecture, dataset: Any, tokenizer: Any, settings: QuEPTConfig, vocab_size: int | None = None
 ) -> list[dict]:
     if arch.input_kind != "text":
         from .data import image_batches

@@ -18,6 +18,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .layout import find_module
+
 _MIN_RATIO = 1e-3  # a dead channel must not blow up the LayerNorm's rescaled affine
 
 
@@ -58,8 +60,8 @@ def fold_block_norms(
     """
     plans = []
     for norm_path, linear_paths in folds:
-        norm = _find(block, norm_path)
-        linears = [m for m in (_find(block, p) for p in linear_paths) if m is not None]
+        norm = find_module(block, norm_path)
+        linears = [m for m in (find_module(block, p) for p in linear_paths) if m is not None]
         if norm is not None and getattr(norm, "weight", None) is not None and linears:
             plans.append((norm, linears))
     if not plans:
@@ -84,11 +86,3 @@ def fold_block_norms(
         if index in ranges:
             fold_norm(norm, linears, channel_ratio(ranges[index], strength).to(norm.weight.device))
     return len(plans)
-
-
-def _find(module: nn.Module, path: str) -> nn.Module | None:
-    for part in path.split("."):
-        module = getattr(module, part, None)
-        if module is None:
-            return None
-    return module

@@ -59,13 +59,11 @@ class DecoderLayout:
 
 
 def find_module(root: nn.Module, path: str) -> nn.Module | None:
-    """``root.a.b.c`` for ``path="a.b.c"``, or ``None`` when any part is missing."""
-    module = root
-    for part in path.split("."):
-        module = getattr(module, part, None)
-        if module is None:
-            return None
-    return module
+    """``root.a.b.c`` for ``path="a.b.c"`` (torch's ``get_submodule``), or ``None`` when any part is missing."""
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 LLAMA_LAYOUT = DecoderLayout()

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layout import GEMMA3_LAYOUT, LLAMA_LAYOUT, DecoderLayout
+from .layout import GEMMA3_LAYOUT, LLAMA_LAYOUT, DecoderLayout, find_module
 
 INPUT_KINDS = ("text", "image", "image_text")
 
@@ -135,14 +135,14 @@ def _expand(model: nn.Module, path: str, transition: str | None) -> tuple[list[n
     """Blocks at ``path`` (one ``*`` expands over a ModuleList) and the stage transitions after each stage."""
     head, star, tail = path.partition(".*.")
     if not star:
-        blocks = _get_path(model, path)
+        blocks = find_module(model, path)
         return (list(blocks), {}) if isinstance(blocks, nn.ModuleList) else None
-    stages = _get_path(model, head)
+    stages = find_module(model, head)
     if not isinstance(stages, nn.ModuleList):
         return None
     blocks, transitions = [], {}
     for stage in stages:
-        inner = _get_path(stage, tail)
+        inner = find_module(stage, tail)
         if not isinstance(inner, nn.ModuleList):
             return None
         blocks.extend(inner)
@@ -185,14 +185,6 @@ def architecture_for(model: nn.Module) -> Architecture:
             f"supported: {supported_model_types()}"
         )
     return _REGISTRY[model_type]
-
-
-def _get_path(module: nn.Module, path: str) -> nn.Module | None:
-    for part in path.split("."):
-        module = getattr(module, part, None)
-        if module is None:
-            return None
-    return module
 
 
 DECODER_LLM = register_architecture(
