@@ -223,3 +223,15 @@ def test_quantizer_output_of_a_weight_with_one_signed_rows(bits: int, group_size
     kernel = prepare_kernel(codes, scales, zeros, bits, group_size, max_tokens=None)
     x = torch.randn(3, 576, generator=gen)
     assert _relative_error(kernel(x), _reference(x, codes, scales, zeros, group_size)) < TOLERANCE
+
+
+@pytest.mark.parametrize("bits,group_size", [(3, 64), (4, -1), (6, -1), (8, -1), (7, 128)])
+def test_dense_path_in_row_slabs(bits: int, group_size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dense path decodes slabs of 64 rows here (208 = 3 whole int4 blocks + a 16-row tail): same result."""
+    monkeypatch.setattr(kernels, "_DENSE_SLAB", 64 * 256)
+    codes, scales, zeros = _random_layer(208, 256, bits, group_size)
+    kernel = prepare_kernel(codes, scales, zeros, bits, group_size, max_tokens=1)
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(10))
+    ref = _reference(x, codes, scales, zeros, group_size)
+    assert _relative_error(kernel(x), ref) < TOLERANCE
+    assert _relative_error(kernel.dense_weight(64, 208).double() @ x.double().T, ref[:, 64:].T) < TOLERANCE
