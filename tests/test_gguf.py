@@ -398,3 +398,68 @@ def test_llama_cpp_logits_match_quept_model(elastic, exported, bits):
     print(f"W{bits} ({ENGINE_TYPES[bits]}): llama.cpp vs quept_hf max|diff| / range = {diff:.2e}")
     assert diff < 0.02
     assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
+
+
+def llama_cpp_run(llama_cpp, path, ids: list[int], chat: str | None = None) -> tuple[np.ndarray, str | None, list]:
+    """llama.cpp's logits of ``ids``, its greedy chat answer to ``chat`` and its tokens of SMOL_TEXT."""
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=128, n_threads=2, verbose=False)
+    try:
+        llm.eval(ids)
+        logits = np.array(llm.scores[: len(ids)], dtype=np.float32)
+        answer = None
+        if chat is not None:
+            reply = llm.create_chat_completion([{"role": "user", "content": chat}], max_tokens=12, temperature=0.0)
+            answer = reply["choices"][0]["message"]["content"]
+        tokens = llm.tokenize(SMOL_TEXT.encode(), add_bos=False, special=False)
+    finally:
+        llm.close()
+    return logits, answer, tokens
+
+
+SMOL_TEXT = "The capital of France is Paris. The capital of Germany is"
+
+
+def logit_gap(got: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
+    """(relative RMS, max |diff| / range) of engine logits against reference logits."""
+    rel = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+    return float(rel), float(np.abs(got - expected).max() / (expected.max() - expected.min()))
+
+
+@pytest.mark.slow
+def test_smollm2_w4_file_tokenizes_and_answers_in_llama_cpp(smollm2_dir, tmp_path):
+    """The real model: tokenizer fields carried from SmolLM2's source GGUF (llama.cpp tokenizes exactly as the
+    HF tokenizer does), logits of the Q4_1 file against quept_hf's W4 model, and a chat answer.
+
+    Tolerance, from a CONTROL: llama.cpp running SmolLM2's own Q4_1 GGUF against the HF float model of exactly
+    those (dequantized) weights differs by relative RMS 5.9e-2, max |diff| / range 2.6e-2: that is llama.cpp's
+    arithmetic (8-bit activation rounding in its CPU dot products, over 30 layers), not the weights. The QuEPT
+    file must stay within 1.5x the control's gap (measured: 4.6e-2 and 3.5e-2), with the same argmax.
+    """
+    from transformers import AutoTokenizer
+
+    from quept_hf import assets
+
+    llama_cpp = llama_cpp_or_skip()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    ids = tokenizer(SMOL_TEXT)["input_ids"]
+    float_model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        float_logits = float_model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    control = logit_gap(llama_cpp_run(llama_cpp, os.path.join(*assets.smollm2_gguf()), ids)[0], float_logits)
+
+    config = QuEPTConfig(mode="weight_only")
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32, quantization_config=config)
+    path = export_gguf(model.eval(), 4, tmp_path / "smollm2-w4.gguf")
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if k.startswith("tokenizer.")}
+    assert fields["tokenizer.ggml.pre"] == "smollm" and "<|im_start|>" in fields["tokenizer.chat_template"]
+    got, answer, tokens = llama_cpp_run(llama_cpp, path, ids, chat="What is the capital of France?")
+    assert tokens == ids
+    quept_hf.set_bits(model, 4)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    gap = logit_gap(got, expected)
+    print(f"SmolLM2 W4 (Q4_1) vs quept_hf: rel RMS {gap[0]:.2e}, max/range {gap[1]:.2e}; control {control}")
+    assert gap[0] <= 1.5 * control[0] and gap[1] <= 1.5 * control[1] + 0.01
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
+    assert tokenizer.decode([int(got[-1].argmax())]) == " Berlin"
+    assert "Paris" in answer
