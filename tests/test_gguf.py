@@ -400,6 +400,27 @@ def test_llama_cpp_logits_match_quept_model(elastic, exported, bits):
     assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
 
 
+@pytest.mark.parametrize("bits", [2, 3, 6])
+def test_llama_cpp_runs_k_types(wide_llama, tmp_path, bits):
+    """Q2_K / Q3_K / Q6_K (rows of 512 and 768) load and run in llama.cpp; logits against quept_hf at the width.
+
+    Tolerance as for the 32-block types (activation rounding) plus the K-types' own gap to QuEPT's weight
+    (``K_BOUNDS``): max |diff| <= 4 % of the logits' range (measured 2.6e-2 W2, 1.0e-2 W3, 9.5e-3 W6).
+    """
+    llama_cpp = llama_cpp_or_skip()
+    model = AutoModelForCausalLM.from_pretrained(wide_llama, quantization_config=QuEPTConfig(mode="weight_only"))
+    path = export_gguf(model.eval(), bits, tmp_path / f"w{bits}.gguf")
+    assert set(gguf_summary(path)["type_counts"]) >= {{2: "Q2_K", 3: "Q3_K", 6: "Q6_K"}[bits]}
+    ids = torch.randint(0, 128, (16,), generator=torch.Generator().manual_seed(bits)).tolist()
+    quept_hf.set_bits(model, bits)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    got = engine_logits(llama_cpp, path, ids)
+    diff = np.abs(got - expected).max() / (expected.max() - expected.min())
+    print(f"W{bits} K-type: llama.cpp vs quept_hf max|diff| / range = {diff:.2e}")
+    assert diff < 0.04
+
+
 def llama_cpp_run(llama_cpp, path, ids: list[int], chat: str | None = None) -> tuple[np.ndarray, str | None, list]:
     """llama.cpp's logits of ``ids``, its greedy chat answer to ``chat`` and its tokens of SMOL_TEXT."""
     llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=128, n_threads=2, verbose=False)
