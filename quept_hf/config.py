@@ -17,7 +17,6 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 MODES = ("weight_only", "weight_activation")
 MIN_BITS, MAX_BITS = 2, 8
-FLOAT_BITS = 16
 FORMAT_VERSION = 1
 PACKED_FORMAT = "quept-packed"  # `QuEPTConfig.packed["format"]` of a checkpoint written by `quept_hf.export`
 PACKED_VERSION = 1

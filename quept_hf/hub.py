@@ -47,10 +47,11 @@ from huggingface_hub.utils import is_jinja_available
 from torch import nn
 
 from .calibration.engine import SETTINGS as CALIBRATION_SETTINGS
-from .config import FLOAT_BITS, QuEPTConfig
-from .mbclora.config import BITS_ADAPTER, MBCLORA, MBCLoRAConfig, adapter_name_for_bits
+from .config import QuEPTConfig
+from .mbclora.config import MBCLORA, MBCLoRAConfig, adapter_name_for_bits
 from .mbclora.layer import MBCLoRALayer
 from .mbclora.model import check_slices_loaded
+from .naming import FLOAT_BITS, bits_of_adapter_name
 from .packing.frozen import FrozenLinear
 from .quantizer import quept_linears
 from .serialization import (
@@ -415,7 +416,7 @@ def measure_perplexity(
 
     config = quept_config(model)
     names = list(adapters) if adapters is not None else [*(f"w{b}" for b in config.bits), *config.plans, FLOAT_NAME]
-    keys = {n: FLOAT_BITS if n == FLOAT_NAME else int(n[1:]) if BITS_ADAPTER.match(n) else n for n in names}
+    keys = {n: FLOAT_BITS if n == FLOAT_NAME else bits_of_adapter_name(n) or n for n in names}
     scores = per_bit(model, lambda m: perplexity(m, texts, tokenizer, **perplexity_kwargs), list(keys.values()))
     results = {name: scores[key] for name, key in keys.items()}
     return record_evaluation(model, results, "perplexity", dataset=dataset, lower_is_better=True)

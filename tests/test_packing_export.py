@@ -298,7 +298,7 @@ def test_clear_errors_for_unsupported_requests(elastic, tiny_llama_dir, tmp_path
     for request, message in [
         (9, r"bit-widths 2\.\.8"),
         (1, r"bit-widths 2\.\.8"),
-        ("w9", r"bit-widths 2\.\.8"),
+        ("w9", r"unknown bit-width or plan 'w9'; this model provides \['w2'"),
         ("mixed-9.99", r"unknown bit-width or plan .* provides \['w2'"),
         ("banana", "unknown bit-width or plan"),
         ({"model.layers.7.mlp": 3}, "match no quantized linear"),

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass, field
 
 from peft import PeftConfig
 from peft.utils import PeftType
 
+from ..naming import adapter_name_for_bits, bits_of_adapter_name
+
 PEFT_TYPE_NAME = "MBCLORA"
-BITS_ADAPTER = re.compile(r"^w([2-8])$")
 
 
 def _extend_peft_type() -> PeftType:
@@ -30,11 +30,6 @@ def _extend_peft_type() -> PeftType:
 
 
 MBCLORA = _extend_peft_type()
-
-
-def adapter_name_for_bits(bits: int) -> str:
-    """The adapter name of a bit-width: ``w4`` for 4 bits."""
-    return f"w{bits}"
 
 
 @dataclass
@@ -87,9 +82,9 @@ class MBCLoRAConfig(PeftConfig):
         """Bit-width a module runs at when ``adapter_name`` is active (a ValueError lists what exists)."""
         if adapter_name == root_name:
             return int(self.default_bits or max(self.bits))
-        match = BITS_ADAPTER.match(adapter_name)
-        if match and int(match.group(1)) in self.bits:
-            return int(match.group(1))
+        bits = bits_of_adapter_name(adapter_name)
+        if bits in self.bits:
+            return bits
         if adapter_name in self.plans:
             return int(self.plans[adapter_name].get(module_name, self.default_bits or max(self.bits)))
         raise ValueError(

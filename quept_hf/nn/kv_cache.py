@@ -27,13 +27,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..naming import FLOAT_BITS
 from .functional import round_ste
 from .hadamard import hadamard_transform
 
 KV_CLIP_RATIO = 0.95
 KV_ATTRIBUTE = "_quept_kv"  # the `KVQuantization` of one attention module
 KV_PREFIX = "quept_kv_"  # attention implementation names: "quept_kv_sdpa", "quept_kv_eager", ...
-FLOAT_BITS = 16
 
 
 def fake_quantize_kv(

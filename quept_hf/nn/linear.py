@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..naming import FLOAT_BITS
 from .functional import (
     CLIP_INIT,
     fake_quantize_activation,
@@ -19,7 +20,6 @@ from .functional import (
     search_activation_scale,
 )
 
-FLOAT_BITS = 16
 ACTIVATION_GRANULARITIES = ("per_token", "per_tensor")
 
 

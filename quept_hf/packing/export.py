@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -34,6 +33,7 @@ from torch import nn
 from ..atomic import staged_folder
 from ..config import MAX_BITS, MIN_BITS, PACKED_FORMAT, PACKED_VERSION, QuEPTConfig
 from ..mbclora.layer import MBCLoRALayer
+from ..naming import bits_of_adapter_name
 from ..nn import FLOAT_BITS, QuEPTLinear, quantize_weight_codes
 from .linear import PackedLinear
 
@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["QuantizedLinear", "export", "pack_model", "quantize_layers", "resolve_plan"]
 
-BITS_NAME = re.compile(r"^w(\d+)$")
 EXPORT_FORMATS = ("quept", "gguf")
 BitsOrPlan = int | str | Mapping[str, int]
 
@@ -97,8 +96,8 @@ def _plan_mapping(model: nn.Module, config: QuEPTConfig, bits_or_plan: BitsOrPla
     """Name and raw ``{unit: bits}`` of the requested plan (an int plan maps every module: key ``""``)."""
     if isinstance(bits_or_plan, Mapping):
         return "custom", {str(k): _check_bits(v, config) for k, v in bits_or_plan.items()}
-    if isinstance(bits_or_plan, str) and BITS_NAME.match(bits_or_plan):
-        bits_or_plan = int(BITS_NAME.match(bits_or_plan).group(1))
+    if bits_of_adapter_name(bits_or_plan) is not None:
+        bits_or_plan = bits_of_adapter_name(bits_or_plan)
     if isinstance(bits_or_plan, int) and not isinstance(bits_or_plan, bool):
         bits = _check_bits(bits_or_plan, config)
         return f"w{bits}", {"": bits}
