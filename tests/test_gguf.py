@@ -484,3 +484,27 @@ def test_smollm2_w4_file_tokenizes_and_answers_in_llama_cpp(smollm2_dir, tmp_pat
     assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
     assert tokenizer.decode([int(got[-1].argmax())]) == " Berlin"
     assert "Paris" in answer
+
+
+@pytest.mark.slow
+def test_hf_tokenizer_vocab_equals_smollm2_source_gguf(smollm2_dir, tmp_path):
+    """The general path (a Hugging Face tokenizer, convert_hf_to_gguf's ``_set_vocab_gpt2``) rebuilds every
+    ``tokenizer.*`` field of SmolLM2's own GGUF: tokens, types, merges, pre-tokenizer, special ids, template."""
+    from transformers import AutoTokenizer
+
+    from quept_hf import assets
+    from quept_hf.packing.gguf import _add_hf_vocab
+
+    path = tmp_path / "vocab.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    _add_hf_vocab(writer, AutoTokenizer.from_pretrained(smollm2_dir), 49152)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+
+    def fields(file) -> dict:
+        return {k: f.contents() for k, f in gguf.GGUFReader(file).fields.items() if k.startswith("tokenizer.")}
+
+    ours, source = fields(path), fields(os.path.join(*assets.smollm2_gguf()))
+    assert sorted(ours) == sorted(source)
+    assert [k for k in ours if ours[k] != source[k]] == []

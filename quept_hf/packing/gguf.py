@@ -334,6 +334,11 @@ def _add_hf_vocab(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
     writer.add_token_types(types)
     if getattr(tokenizer, "chat_template", None):
         special_vocab.chat_template = tokenizer.chat_template
+    # Written explicitly (as convert_hf_to_gguf does for SmolLM2-sized vocabularies): llama.cpp's own defaults
+    # differ from the tokenizer's when the tokenizer config does not spell them out.
+    special_vocab.add_special_token.setdefault("bos", bool(getattr(tokenizer, "add_bos_token", False)))
+    if getattr(tokenizer, "add_prefix_space", None) is not None:
+        writer.add_add_space_prefix(bool(tokenizer.add_prefix_space))
     special_vocab.add_to_gguf(writer)
 
 
