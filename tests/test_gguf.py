@@ -508,3 +508,32 @@ def test_hf_tokenizer_vocab_equals_smollm2_source_gguf(smollm2_dir, tmp_path):
     ours, source = fields(path), fields(os.path.join(*assets.smollm2_gguf()))
     assert sorted(ours) == sorted(source)
     assert [k for k in ours if ours[k] != source[k]] == []
+
+
+def test_stored_mixed_plan_elastic_and_frozen_give_the_same_file(tiny_llama_dir, tmp_path):
+    """A stored plan by name (QuEPTConfig.plans): each tensor its own type; the frozen model keeping that plan
+    writes the same tensors; llama.cpp loads the mixed file (when installed)."""
+    model = elastic_model(tiny_llama_dir)
+    modules = list(resolve_plan(model, 4)[1])
+    plan = {m: (2, 4, 5, 8)[i % 4] for i, m in enumerate(modules)}
+    quept_hf.quept_config(model).plans["mixed-4.75"] = {"bits": plan}
+    path = export_gguf(model, "mixed-4.75", tmp_path / "elastic.gguf")
+    types = gguf_summary(path)["types"]
+    assert {m: types[gguf_name(m)] for m in modules} == {
+        m: gguf_type(b, 64 if "down" not in m else 160) for m, b in plan.items()
+    }
+    frozen = quept_hf.freeze(model, bits=[8], plans=["mixed-4.75"])
+    again = export_gguf(frozen, "mixed-4.75", tmp_path / "frozen.gguf")
+    theirs = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(path).tensors}
+    for t in gguf.GGUFReader(again).tensors:
+        assert np.array_equal(np.asarray(t.data), theirs[t.name]), t.name
+    try:
+        import llama_cpp
+    except (ImportError, OSError):
+        return
+    ids = list(range(5, 25))
+    quept_hf.set_bits(model, "mixed-4.75")
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    got = engine_logits(llama_cpp, path, ids)
+    assert np.abs(got - expected).max() / (expected.max() - expected.min()) < 0.02
