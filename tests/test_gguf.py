@@ -203,6 +203,19 @@ def test_low_bits_in_q4_0_fallback_are_exact_up_to_fp16_of_d(exported, elastic, 
         assert (np.abs(x - weight.numpy()) <= bound).all(), module
 
 
+def test_w6_w7_fit_q8_0_exactly_up_to_fp16_of_d(elastic, tmp_path):
+    """Rows not a multiple of 256 put W6 into Q8_0 (llama.cpp's Q6_K fallback), and W7 always goes there: their
+    ``c - z`` lies in [-128, 127], so QuEPT's own scale is chosen and only fp16 of ``d`` remains."""
+    for bits in (6, 7):
+        stored = tensors(export_gguf(elastic, bits, tmp_path / f"w{bits}.gguf"))
+        for module, (weight, q) in quept_weights(elastic, bits).items():
+            x = unpermute(module, stored[gguf_name(module)][0], elastic.config)
+            s, z = per_element(q, q.scales), per_element(q, q.zeros)
+            k = q.codes.float().numpy() - z
+            bound = np.abs(k) * fp16_error(s) + 4 * np.spacing(np.abs(weight.numpy()) + 1e-3)
+            assert (np.abs(x - weight.numpy()) <= bound).all(), (bits, module)
+
+
 def test_q8_0_is_searched_against_quept_weight(exported, elastic):
     """W8 -> Q8_0: symmetric blocks of 32 cannot hold an asymmetric 256-level grid. The per-block search (QuEPT's
     own s is a candidate: exact where ``c - z`` fits int8) never does worse, block by block, than llama.cpp's
