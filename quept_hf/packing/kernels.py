@@ -262,8 +262,9 @@ class Int4Kernel(LowBitKernel):
             nibbles = (nibbles[:, :cols] << 4).bitwise_or_(nibbles[:, cols:])
             scales_and_zeros, offset = scales_and_zeros[scales_and_zeros.shape[0] // 2 :], _OFFSET
         scales, zero_terms = scales_and_zeros.transpose(0, 1).float().unsqueeze(-1).unbind(-2)
+        zero_terms = zero_terms - offset * scales  # (u - offset) s + zero = u s + (zero - offset s): one pass less
         weight = nibbles.reshape(out_features, cols // self.group, self.group).float()
-        return weight.sub_(offset).mul_(scales).add_(zero_terms).view(out_features, cols).to(torch.bfloat16)
+        return weight.mul_(scales).add_(zero_terms).view(out_features, cols).to(torch.bfloat16)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.packed, self.scales_and_zeros]
