@@ -4,10 +4,10 @@ A frozen layer's reference forward is ``F.linear(x, s * (q - z))``: it reads a f
 per token. PyTorch ships CPU kernels that read 4- or 8-bit weights and dequantize in registers, so decoding (a
 few tokens, memory bound) reads 4-8x fewer bytes. They are fast with bf16 activations only (with fp32 or fp16
 activations the same ops were 8-35x SLOWER than fp32 ``F.linear`` here), so every kernel converts the input to
-bf16 and the result back to ``x.dtype``. Measured (``benchmarks/lowbit_kernels.py``, 2 threads, weights out of
-cache as in a model): one token decodes ~3x faster than fp32 ``F.linear`` with int4 on SmolLM2's MLP shapes and
-~4x on 4096x4096, ~1.5-2x with int8 and int4x2; small layers (576x192) gain less, the fixed ~15 us per call
-dominating.
+bf16 and the result back to ``x.dtype``. Measured (``benchmarks/lowbit_kernels.py``, weights out of cache as in
+a model, against fp32 ``F.linear`` on the cached dequantized weight): one token decodes 3.2-3.7x faster with int4
+on SmolLM2's MLP shapes (2.7x at 576x576, 1.7x at 576->192, 3.4x at 4096x4096), 1.3-1.6x with int8 (2.5x at
+4096x4096) and 1.4-1.9x with int4x2; the smallest layers gain least, a call's fixed ~15 us dominating.
 
 Which kernel (`kernel_support` says why none):
 
@@ -28,10 +28,13 @@ Which kernel (`kernel_support` says why none):
   on the input repeated twice along K (``[x, x] @ [hi part | lo part].T``): twice the int4 work, still a quarter
   of fp32's bytes, and one fp32 accumulation.
 
-Prefill (many tokens) is compute bound, and there bf16 ``F.linear`` (AMX, oneDNN) beats these kernels by up to
-10x. So above ``max_tokens`` rows a kernel decodes its own weight to bf16 for that call (`LowBitKernel.
-dense_weight`; ``"int8pack"`` only casts its codes and scales the output) and runs bf16 ``F.linear``. The
-defaults (`MAX_TOKENS`) are the crossovers measured on this project's 2-core AVX512 machine.
+Prefill (many tokens) is compute bound: at 64 tokens the int4 op runs at 0.6-0.8x fp32 ``F.linear`` and bf16
+``F.linear`` (AMX, oneDNN) is 3-5x faster than it. So above ``max_tokens`` rows a kernel decodes its own weight
+to bf16 for that call, a slab of rows at a time (`LowBitKernel.dense_weight`; ``"int8pack"`` and per-channel
+``"int4pack"`` only cast their codes and scale the output) and runs bf16 ``F.linear``; the defaults
+(`MAX_TOKENS`) are the crossovers measured on this project's 2-core AVX512 machine (the same at 1 and 2 threads).
+The decode costs about one fp32 pass over the weight, so from a few hundred tokens on this path beats even fp32
+``F.linear`` on a cached weight.
 
 Numerics: bf16 activations, bf16 scales and zero terms, fp32 accumulation, a bf16 result. Each is one rounding
 of relative size 2^-9, so outputs match the float64 reference to under 1% of their largest magnitude, about what
