@@ -3,6 +3,10 @@
     python benchmarks/lowbit_kernels.py --quick     # SmolLM2 shapes + 4096x4096, fewer widths and repetitions
     python benchmarks/lowbit_kernels.py             # every width config, more repetitions
     python benchmarks/lowbit_kernels.py --sweep     # token-count sweep: where the dense bf16 path overtakes
+    python benchmarks/lowbit_kernels.py --threads 1 # on a machine others load: 2 threads then wait for a core
+
+(With 2 threads on a loaded 2-core machine every parallel op can wait a scheduler slice for its second thread,
+which swamps sub-millisecond timings; 1 thread gives the same ratios without that noise.)
 
 For each layer shape (SmolLM2-135M's four, ``out x in``, plus 4096x4096), width config and token count: the time
 of fp32 ``F.linear`` on a cached dequantized weight (the ``"dequantized"`` working form), bf16 ``F.linear`` on a
