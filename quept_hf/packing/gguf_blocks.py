@@ -95,6 +95,14 @@ def _best_scale(y: np.ndarray, candidates: np.ndarray, low: int, high: int) -> n
     return best
 
 
+def _fits(y: np.ndarray, d: np.ndarray, low: int, high: int) -> np.ndarray:
+    """Blocks that ARE integer multiples ``k`` of ``d`` (up to fp16 rounding of ``d``) with ``k`` in range."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        k = y / d[:, None]
+    near = np.abs(k - np.round(k)) <= np.abs(np.round(k)) * 2.0**-10 + 1e-3  # fp16(s) is s within 2^-11
+    return (d != 0) & (near & (np.round(k) >= low) & (np.round(k) <= high)).all(axis=1)
+
+
 def _absmax_candidates(y: np.ndarray, low: int, high: int, steps: int = 12) -> np.ndarray:
     """llama.cpp-style scales: the signed absmax on the long side of the range, shrunk by up to 30 %."""
     idx = np.abs(y).argmax(axis=1)[:, None]
@@ -110,10 +118,18 @@ def quantize_symmetric(qtype: str, y: np.ndarray, quept_scale: np.ndarray | None
     exact (up to fp16 of ``d``) whenever ``c - z`` fits the type's integers ([-8, 7], [-16, 15], [-128, 127]).
     """
     low, high = SYMMETRIC[qtype]
-    candidates = _absmax_candidates(y, low, high)
-    if quept_scale is not None:  # +s and -s: a negative d mirrors c - z into the type's lopsided range
-        candidates = np.concatenate([quept_scale[:, None], -quept_scale[:, None], candidates], axis=1)
-    d = _best_scale(y, _f16(candidates), low, high)
+    d = np.zeros(y.shape[0], dtype=np.float32)
+    todo = np.ones(y.shape[0], dtype=bool)
+    if quept_scale is not None:  # blocks whose c - z fit take d = s at once (most of them; the search is slow)
+        todo = ~_fits(y, _f16(quept_scale), low, high)
+        d[~todo] = _f16(quept_scale[~todo])
+    if todo.any():
+        rest = y[todo]
+        candidates = _absmax_candidates(rest, low, high)
+        if quept_scale is not None:  # +s and -s: a negative d mirrors c - z into the type's lopsided range
+            own = quept_scale[todo, None]
+            candidates = np.concatenate([own, -own, candidates], axis=1)
+        d[todo] = _best_scale(rest, _f16(candidates), low, high)
     k = _round_clip(y, d[:, None], low, high)
     if qtype == "Q8_0":
         return np.concatenate([_f16_bytes(d), k.astype(np.int8).view(np.uint8)], axis=1)
