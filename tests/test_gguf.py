@@ -550,3 +550,28 @@ def test_stored_mixed_plan_elastic_and_frozen_give_the_same_file(tiny_llama_dir,
         expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
     got = engine_logits(llama_cpp, path, ids)
     assert np.abs(got - expected).max() / (expected.max() - expected.min()) < 0.02
+
+
+def test_rows_not_a_multiple_of_32_fall_back_to_f16(tmp_path):
+    """llama-quantize's last resort: a row that no 32-block divides is stored F16 (here: hidden 48)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "odd")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "odd", quantization_config=QuEPTConfig(mode="weight_only"))
+    path = export_gguf(model.eval(), 4, tmp_path / "odd.gguf")
+    stored = tensors(path)
+    for module, (weight, _) in quept_weights(model, 4).items():
+        x, qtype = stored[gguf_name(module)]
+        assert qtype == ("Q4_1" if "down_proj" in module else "F16"), module
+        if qtype == "F16":
+            x = unpermute(module, x, model.config)
+            assert np.allclose(x, weight.numpy(), rtol=F16_REL * 1.01, atol=2e-7), module
+    assert stored["token_embd.weight"][1] == "F16"
