@@ -6,7 +6,7 @@ few tokens, memory bound) reads 4-8x fewer bytes. They are fast with bf16 activa
 activations the same ops were 8-35x SLOWER than fp32 ``F.linear`` here), so every kernel converts the input to
 bf16 and the result back to ``x.dtype``. Measured (``benchmarks/lowbit_kernels.py``, weights out of cache as in
 a model, against fp32 ``F.linear`` on the cached dequantized weight): one token decodes 3.2-3.7x faster with int4
-on SmolLM2's MLP shapes (2.7x at 576x576, 1.7x at 576->192, 3.4x at 4096x4096), 1.3-1.6x with int8 (2.5x at
+on SmolLM2's MLP shapes (2.8x at 576x576, 1.8x at 576->192, 3.3-5x at 4096x4096), 1.3-1.6x with int8 (2.5x at
 4096x4096) and 1.4-1.9x with int4x2; the smallest layers gain least, a call's fixed ~15 us dominating.
 
 Which kernel (`kernel_support` says why none):
