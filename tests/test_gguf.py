@@ -254,7 +254,7 @@ def wide_llama(tmp_path_factory) -> str:
     return str(folder)
 
 
-K_BOUNDS = {2: 0.05, 3: 0.02, 6: 0.01}  # relative RMS error against QuEPT's weight; measured max 0.021, 0.0069, 0.0043
+K_BOUNDS = {2: 0.04, 3: 0.02, 6: 0.01}  # relative RMS error against QuEPT's weight; measured max 0.015, 0.0069, 0.0043
 
 
 @pytest.mark.parametrize("bits", [2, 3, 6])
@@ -418,7 +418,7 @@ def test_llama_cpp_runs_k_types(wide_llama, tmp_path, bits):
     """Q2_K / Q3_K / Q6_K (rows of 512 and 768) load and run in llama.cpp; logits against quept_hf at the width.
 
     Tolerance as for the 32-block types (activation rounding) plus the K-types' own gap to QuEPT's weight
-    (``K_BOUNDS``): max |diff| <= 4 % of the logits' range (measured 2.6e-2 W2, 1.0e-2 W3, 9.5e-3 W6).
+    (``K_BOUNDS``): max |diff| <= 4 % of the logits' range (measured 1.8e-2 W2, 1.0e-2 W3, 9.5e-3 W6).
     """
     llama_cpp = llama_cpp_or_skip()
     model = AutoModelForCausalLM.from_pretrained(wide_llama, quantization_config=QuEPTConfig(mode="weight_only"))

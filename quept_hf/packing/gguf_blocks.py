@@ -257,20 +257,37 @@ def _q2k_error(y3, a, b, d, dmin) -> np.ndarray:
 
 
 def _q2k_super_scales(y3: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``d = fp16(max a / n)``, then ``dmin = fp16(max b / n')``, each divisor searched in 15..8 on ``y3``'s
-    error (the other scale held): two QuEPT groups per superblock rarely have scales in a 4-bit ratio, and
-    the best common step is often not the one that puts the largest on 15."""
-    amax, bmax = a.max(axis=1), b.max(axis=1)
-    d, dmin = _f16(amax / 15), _f16(bmax / 15)
-    for which in ("d", "dmin"):
-        best_err = _q2k_error(y3, a, b, d, dmin)
-        for n in range(14, 7, -1):
-            trial_d, trial_m = (_f16(amax / n), dmin) if which == "d" else (d, _f16(bmax / n))
-            err = _q2k_error(y3, a, b, trial_d, trial_m)
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
+    """Super scales ``d`` (for the sub-scales ``a``) and ``dmin`` (for the mins ``b``), searched on ``y3``'s error.
+
+    Two QuEPT groups per superblock rarely have scales in a 4-bit ratio, so the step that puts the LARGEST on 15
+    is often not the best: candidates are ``max / n`` (n = 15..8) and ``smallest / n`` (n = 1..15, where the
+    largest still fits 4 bits), each scale searched with the other held, in that order.
+    """
+    d, dmin = _f16(a.max(axis=1) / 15), _f16(b.max(axis=1) / 15)
+    err = _q2k_error(y3, a, b, d, dmin)
+    for which, values, anchor in (("d", a, "max"), ("dmin", b, "max"), ("d", a, "min"), ("dmin", b, "min")):
+        for trial in _step_candidates(values, anchor):
+            trial_d, trial_m = (trial, dmin) if which == "d" else (d, trial)
+            trial_err = _q2k_error(y3, a, b, trial_d, trial_m)
+            better = trial_err < err
+            err = np.where(better, trial_err, err)
             d, dmin = np.where(better, trial_d, d), np.where(better, trial_m, dmin)
     return d, dmin
+
+
+def _step_candidates(values: np.ndarray, anchor: str):
+    """fp16 steps for 4-bit multiples of ``values`` ``(n, 16)``: ``max / n`` or ``smallest positive / n``."""
+    vmax = values.max(axis=1)
+    smallest = np.where(values > 0, values, np.inf).min(axis=1)
+    if anchor == "max":
+        for n in range(14, 7, -1):
+            yield _f16(vmax / n)
+        return
+    for n in range(1, 16):
+        step = _f16(np.where(np.isfinite(smallest), smallest / n, vmax / 15))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fits = vmax / step <= 15.5
+        yield np.where(fits, step, _f16(vmax / 15))
 
 
 def _affine_candidates(ys: np.ndarray, scale: np.ndarray | None, minimum: np.ndarray | None):
