@@ -235,3 +235,15 @@ def test_dense_path_in_row_slabs(bits: int, group_size: int, monkeypatch: pytest
     ref = _reference(x, codes, scales, zeros, group_size)
     assert _relative_error(kernel(x), ref) < TOLERANCE
     assert _relative_error(kernel.dense_weight(64, 208).double() @ x.double().T, ref[:, 64:].T) < TOLERANCE
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, -1), (6, 64)])
+def test_wider_integer_codes_and_half_precision_qparams(bits: int, group_size: int) -> None:
+    """int64 codes (e.g. straight from a quantizer) and bf16 scales / zeros (a bf16 model) give the same kernel."""
+    codes, scales, zeros = _random_layer(64, 256, bits, group_size)
+    scales, zeros = scales.to(torch.bfloat16), zeros.to(torch.bfloat16)
+    kernel = prepare_kernel(codes.long(), scales, zeros, bits, group_size, max_tokens=None)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(11), dtype=torch.bfloat16)
+    out = kernel(x)
+    assert out.dtype == torch.bfloat16
+    assert _relative_error(out, _reference(x, codes, scales.float(), zeros.float(), group_size)) < TOLERANCE
