@@ -100,9 +100,8 @@ def _frozen_grid(name: str, layer: FrozenLinear, bits: int) -> QuantizedLinear:
     key = str(bits)
     act = bits if layer.quantize_activations else None
     bias = None if layer.bias is None else layer.bias.detach()
-    return QuantizedLinear(
-        layer.codes(bits), layer.scales[key], layer.zeros[key], bias, bits, layer.group_size[bits], act
-    )
+    scales, zeros, group = layer.scales[key], layer.zeros[key], layer.group_size[bits]
+    return QuantizedLinear(layer.codes(bits), scales, zeros, bias, bits, group, act, layer.input_transform)
 
 
 def _check_weight_only(grids: dict[str, QuantizedLinear]) -> None:
