@@ -18,11 +18,11 @@ Which kernel (`kernel_support` says why none):
   (no bf16 rounding of a zero term that cancels most of the weight). Needs ``out_features % 16 == 0`` and
   QuEPT groups that split into kernel groups: ``gcd(group_size, in_features)`` a multiple of 32, so a partial
   last group works when it is one (SmolLM2's 576 columns in groups of 128: kernel groups of 64).
-* ``"int8pack"`` (per-channel, any width, ``in_features % 16 == 0``; used for 5..8 bits and for 2..4-bit shapes
-  int4 rejects):
-  ``torch.ops.aten._weight_int8pack_mm`` (``x @ (w * scale).T``) on ``w = q - c`` (int8) with a per-row shift
-  ``c = clamp(z, 2^b - 128, 128)``, which is ``z`` itself below 8 bits, so ``s * (q - z)`` needs no correction;
-  otherwise (8 bits, ``z != 128``) a rank-1 term ``sum(x) * s * (c - z)`` is added in fp32.
+* ``"int8pack"`` (per-channel, any width, ``in_features % 16 == 0``; 5..8 bits, and 2..4-bit shapes int4
+  rejects): ``torch.ops.aten._weight_int8pack_mm`` (``x @ (w * scale).T``) on ``w = q - c`` (int8) with a per-row
+  shift ``c = clamp(z, 2^b - 128, 128)``. Below 8 bits that is ``z`` itself (unless ``z`` lies ~100 levels off
+  the code range), so ``s * (q - z)`` needs no correction; otherwise (8 bits, ``z != 128``) a rank-1 term
+  ``sum(x) * s * (c - z)`` is added in fp32.
 * ``"int4x2pack"`` (grouped 5..8 bits, which int8 cannot scale per group): the shifted code ``u = q - c + 136``
   in [0, 255] is split into two nibbles, ``q - z = 16 (hi - 8) + (lo - 8) + (c - z)``, and ONE int4 matmul runs
   on the input repeated twice along K (``[x, x] @ [hi part | lo part].T``): twice the int4 work, still a quarter
