@@ -7,8 +7,10 @@ derives ONE working form of its active codes, on a switch or after loading, and 
 
 * ``"dequantized"``: ``s * (q - z)`` in the layer's float dtype, bitwise the elastic model's fake-quant weight
   (exact logits); resident: one float copy of the active width;
-* ``"kernel"``: the codes in a low-bit CPU kernel's layout (`quept_hf.packing.kernels`: int4 / int8 with bf16
-  activations); resident: a 4- or 8-bit copy. Layers no kernel supports fall back to ``"dequantized"``;
+* ``"kernel"``: the codes in a low-bit CPU kernel's layout (`quept_hf.packing.kernels`, bf16 activations: int4
+  for 2..4 bits, int8 for per-channel 5..8 bits, two int4 nibbles for grouped 5..8 bits; above a measured token
+  count the kernel decodes its weight to bf16 for that call); resident: a 4- or 8-bit copy. Layers no kernel
+  supports (`quept_hf.packing.kernels.kernel_support` says why) fall back to ``"dequantized"``;
 * ``"kernel-all"``: a frozen layer prepares the kernel of EVERY kept width once, so a switch selects one and
   derives nothing (resident: one 4- or 8-bit copy per kept width); for a one-width layer, ``"kernel"``;
 * ``"none"``: nothing kept; every forward unpacks and dequantizes (smallest, slowest).
