@@ -133,6 +133,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     model, tokenizer = load_source(args.model)
     if args.format == "gguf":  # one .gguf per bit-width (--bits 2-8) or plan, into --out (a folder or a file)
         targets = parse_bits(args.bits) if args.bits[:1].isdigit() and not args.bits.isdigit() else [args.bits]
+        if len(targets) > 1 and args.out.endswith(".gguf"):
+            raise CliError(f"--out {args.out!r}: several bit-widths need a folder, not one .gguf file")
         for target in targets:
             target = int(target) if str(target).isdigit() else target
             path = quept_hf.export(model, target, args.out, format="gguf", tokenizer=tokenizer)

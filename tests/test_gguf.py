@@ -375,6 +375,9 @@ def test_cli_export_gguf_writes_one_file_per_width(elastic, tmp_path):
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert files == ["elastic-w4.gguf", "elastic-w5.gguf"]
     assert gguf_summary(tmp_path / "out" / "elastic-w5.gguf")["types"]["blk.0.attn_q.weight"] == "Q5_1"
+    with pytest.raises(SystemExit):  # several widths into one file: refused before any export
+        cli_main([*argv[:-1], str(tmp_path / "one.gguf")])
+    assert not (tmp_path / "one.gguf").exists()
 
 
 # ----------------------------------------------------------------------------- llama.cpp runs the files
