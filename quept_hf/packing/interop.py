@@ -19,6 +19,32 @@ Weight-only models and one bit-width per export: QuEPT's activation quantizer (p
 clamp) and online input transforms have no exact compressed-tensors equivalent, and transformers' loader applies
 one scheme to every dense layer (so a mixed plan could be written but not loaded back there).
 
+``target="vllm"``: the layouts vLLM 0.32's CPU build runs (read from its sources; the CUDA Marlin path takes a
+superset of the 4-bit one), and a ValueError naming the reason for every other width:
+
+* 4 bits: weight-only ``pack-quantized`` uint4 WITH zero points (asymmetric, vLLM's ``CompressedTensorsWNA16``
+  -> ``CPUWNA16LinearKernel``, which takes only ``uint4`` / ``uint4b8``: ``_CPUWNA16_SUPPORTED_QUANT_TYPES`` in
+  ``vllm/model_executor/kernels/linear/mixed_precision/cpu.py``). QuEPT's codes and zero points are stored
+  unchanged: exact up to the engine's 16-bit arithmetic. Rows (in features) and out features must be multiples
+  of 32 (``can_implement``, and ``TORCH_CHECK_EQ(a_k_size % 32, 0)`` in ``csrc/cpu/cpu_wna16.cpp``); the group
+  must be one per row or 32, 64 or 128 wide (CPU: any even size; CUDA Marlin: ``MARLIN_SUPPORTED_GROUP_SIZES``).
+  The kernel dispatches only bf16 / fp16 activations (``VLLM_DISPATCH_16B_TYPES``), and on a CPU with AMX and
+  bf16 vLLM switches to its W4A8 path by default (``VLLM_CPU_INT4_W4A8=1``), which quantizes activations to
+  int8 and crashes on rows that are not a multiple of 128 (``convert_weight_packed_scale_zp``; SmolLM2's 576):
+  run it with ``dtype="float16"`` (or ``VLLM_CPU_INT4_W4A8=0``);
+* 8 bits: ``int-quantized`` W8A8 int8, symmetric per-channel weights and dynamic per-token symmetric int8
+  activations (``CompressedTensorsW8A8Int8`` -> ``CPUInt8ScaledMMLinearKernel``): vLLM's CPU build has no 8-bit
+  weight-only kernel (``uint8`` / ``uint8b128`` are refused by ``CPUWNA16LinearKernel``) and its W8A8 int8 path
+  takes only SYMMETRIC weights (``_is_dynamic_token_w8a8`` in ``compressed_tensors.py``). QuEPT's asymmetric
+  8-bit grid ``s * (c - z)`` fits a symmetric int8 row exactly only when ``-128 <= c - z <= 127`` over the whole
+  row with one scale; every other row is re-gridded against QuEPT's DEQUANTIZED weight (per-row scale searched
+  for the least squared error), and the export states that error. The activation quantizer is vLLM's: for a
+  weight-only QuEPT model it is an extra approximation; a QuEPT model that quantizes activations per token at
+  8 bits (its absmax / 127 quantizer is vLLM's) is exported with them;
+* 2, 3, 5, 6, 7 bits: refused. Neither CPU kernel takes them (and CUDA Marlin takes only 4 and 8 bits).
+
+The folder then also holds ``quept_export.json``: target, scheme, whether the conversion is exact, and its error.
+
 Loading through transformers 5.23 needs ``quantization_config=CompressedTensorsConfig(dequantize=True)``: its
 default (compressed) path cannot load ANY asymmetric ``pack-quantized`` checkpoint, compressed-tensors' own
 included (its meta-device skeleton expects an unpacked zero point: vllm-project/llm-compressor#1618), while its
@@ -29,8 +55,10 @@ sizes 32/64/128 for Marlin-style kernels).
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
+import warnings
 
 import torch
 from safetensors.torch import save_file
@@ -39,9 +67,14 @@ from torch import nn
 from ..atomic import staged_folder
 from .export import BitsOrPlan, QuantizedLinear, _check_target, _unwrap, quantize_layers, resolve_plan
 
-__all__ = ["compressed_tensors_available", "export_compressed_tensors"]
+__all__ = ["VLLM_TARGET", "compressed_tensors_available", "export_compressed_tensors"]
 
 CT_PIP = "pip install 'compressed-tensors>=0.15'"
+VLLM_TARGET = "vllm"
+# Group sizes every vLLM 4-bit path runs: CPUWNA16 takes any even size, CUDA Marlin only these (-1: one per row).
+VLLM_W4_GROUPS = (32, 64, 128)
+VLLM_MULTIPLE = 32  # CPUWNA16LinearKernel.can_implement: in and out features multiples of 32
+VLLM_W8_SEARCH = 32  # candidate per-row int8 scales between absmax/127 and 0.7 * absmax/127
 
 
 def compressed_tensors_available() -> bool:
@@ -98,17 +131,28 @@ def _ct_tensors(name: str, q: QuantizedLinear, size: int | None) -> dict[str, to
     return out
 
 
-def _ct_config(layers: dict[str, QuantizedLinear], ignore: list[str]) -> dict:
-    """The ``quantization_config`` block compressed-tensors' own ``ModelCompressor.update_config`` writes."""
+def _ct_config(layers: dict[str, QuantizedLinear], ignore: list[str], w8a8: bool = False) -> dict:
+    """The ``quantization_config`` block compressed-tensors' own ``ModelCompressor.update_config`` writes.
+
+    ``w8a8``: vLLM's W8A8 int8 scheme (``int-quantized``, symmetric per-channel int8 weights, dynamic per-token
+    symmetric int8 activations) instead of the asymmetric weight-only ``pack-quantized`` one.
+    """
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     (bits,) = {q.bits for q in layers.values()}
-    strategy, size = _ct_grouping(layers)
-    args = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy=strategy, group_size=size)
+    if w8a8:
+        weights = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel")
+        inputs = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+        scheme = QuantizationScheme(targets=list(layers), weights=weights, input_activations=inputs)
+        form = "int-quantized"
+    else:
+        strategy, size = _ct_grouping(layers)
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy=strategy, group_size=size)
+        scheme, form = QuantizationScheme(targets=list(layers), weights=args), "pack-quantized"
     config = QuantizationConfig(
-        config_groups={"group_0": QuantizationScheme(targets=list(layers), weights=args)},
-        format="pack-quantized",
+        config_groups={"group_0": scheme},
+        format=form,
         quantization_status="compressed",
         ignore=ignore,
     )
@@ -140,17 +184,27 @@ def export_compressed_tensors(
     *,
     tokenizer=None,
     overwrite: bool = False,
+    target: str | None = None,
 ) -> str:
-    """Write ``model`` frozen at ``bits_or_plan`` as a compressed-tensors ``pack-quantized`` folder.
+    """Write ``model`` frozen at ``bits_or_plan`` as a compressed-tensors folder.
 
-    The folder loads with ``AutoModelForCausalLM.from_pretrained(out_dir,
+    ``target=None`` (the general format): asymmetric ``pack-quantized`` at any width 1..8, exact. The folder
+    loads with ``AutoModelForCausalLM.from_pretrained(out_dir,
     quantization_config=CompressedTensorsConfig(dequantize=True))`` (transformers' own compressed-tensors path;
     quept_hf is not needed; see the module docstring for why ``dequantize=True``) and gives the fake-quant
-    model's logits. Raises ImportError without ``compressed-tensors``, and ValueError for mixed plans,
-    weight+activation models, input transforms or unrepresentable zero points.
+    model's logits.
+
+    ``target="vllm"``: only a layout vLLM's CPU build runs (module docstring): W4 as asymmetric uint4
+    ``pack-quantized`` (exact), W8 as W8A8 int8 (exact only where the rows allow; the error is stated in
+    ``quept_export.json`` and a warning); other widths raise a ValueError saying why.
+
+    Raises ImportError without ``compressed-tensors``, and ValueError for mixed plans, weight+activation models
+    (except per-token W8A8 for vLLM), input transforms or unrepresentable zero points.
     """
     if not compressed_tensors_available():
         raise ImportError(f"export_compressed_tensors needs the compressed-tensors package: {CT_PIP}")
+    if target not in (None, VLLM_TARGET):
+        raise ValueError(f"target={target!r}: allowed are None (the general format) and {VLLM_TARGET!r}")
     from ..quantizer import quept_linears
     from ..serialization import base_state_dict
 
@@ -159,26 +213,175 @@ def export_compressed_tensors(
     base = _unwrap(model)
     _, plan = resolve_plan(model, bits_or_plan)
     layers = quantize_layers(model, plan)
-    _check_supported(layers)
+    w8a8 = target == VLLM_TARGET and _check_vllm(layers)
+    _check_supported(layers, allow_int8_tokens=w8a8)
     prefixes = tuple(name + "." for name in quept_linears(base))
     state = {k: v for k, v in base_state_dict(base).items() if not k.startswith(prefixes)}
-    _, size = _ct_grouping(layers)
-    for name, q in layers.items():
-        state.update(_ct_tensors(name, q, size))
+    report: dict | None = None
+    if w8a8:
+        report = _w8a8_tensors(layers, state)
+    else:
+        _, size = _ct_grouping(layers)
+        for name, q in layers.items():
+            state.update(_ct_tensors(name, q, size))
+        if target == VLLM_TARGET:
+            report = _report_w4(layers, size)
     floats = [n for n, m in base.named_modules() if type(m) is nn.Linear]
-    _write_folder(base, _dedupe_tied(state), _ct_config(layers, floats), out_dir, tokenizer)
+    _write_folder(base, _dedupe_tied(state), _ct_config(layers, floats, w8a8), out_dir, tokenizer, report)
     return out_dir
 
 
-def _check_supported(layers: dict[str, QuantizedLinear]) -> None:
-    """Weight-only, one bit-width: what compressed-tensors can hold exactly and transformers can load."""
+def _check_vllm(layers: dict[str, QuantizedLinear]) -> bool:
+    """Refuse, with the reason, what vLLM 0.32's CPU build cannot run; True for 8 bits (the W8A8 int8 scheme)."""
+    widths = sorted({q.bits for q in layers.values()})
+    if widths != [4] and widths != [8]:
+        raise ValueError(
+            f"target='vllm' exports 4 or 8 bits, not {widths}: vLLM's CPU build runs compressed-tensors weight-only "
+            "layers only as uint4 / uint4b8 (CPUWNA16LinearKernel, _CPUWNA16_SUPPORTED_QUANT_TYPES in "
+            "vllm/model_executor/kernels/linear/mixed_precision/cpu.py; CUDA Marlin adds only uint8b128) and 8-bit "
+            "weights only as W8A8 int8; export without target= for the general format"
+        )
+    for name, q in layers.items():
+        out_features, in_features = q.codes.shape
+        if in_features % VLLM_MULTIPLE or out_features % VLLM_MULTIPLE:
+            raise ValueError(
+                f"target='vllm': {name} is {out_features} x {in_features}; vLLM's CPU kernels need in and out "
+                f"features that are multiples of {VLLM_MULTIPLE} (CPUWNA16LinearKernel.can_implement, cpu_wna16.cpp)"
+            )
+    if widths == [8]:
+        return True
+    _, size = _ct_grouping(layers)
+    if size is not None and size not in VLLM_W4_GROUPS:
+        raise ValueError(
+            f"target='vllm': the layers' groups store as compressed-tensors group {size} (the largest size dividing "
+            f"every row and QuEPT group); vLLM runs 4 bits per channel or at groups {VLLM_W4_GROUPS} "
+            "(CPUWNA16: even sizes; CUDA Marlin: MARLIN_SUPPORTED_GROUP_SIZES): calibrate with group_size -1, 32, "
+            "64 or 128 on rows those divide"
+        )
+    acts = [n for n, q in layers.items() if q.activation_bits is not None]
+    if acts:
+        raise ValueError(
+            f"target='vllm' at 4 bits is weight-only: {acts[0]} (and {len(acts) - 1} more) quantizes activations; "
+            "vLLM's 4-bit activation path (W4A8 int) needs symmetric int4 weights, which QuEPT's grid is not"
+        )
+    return False
+
+
+def _report_w4(layers: dict[str, QuantizedLinear], size: int | None) -> dict:
+    """What the W4 vLLM export is: QuEPT's own codes and zero points, so exact up to vLLM's 16-bit arithmetic."""
+    return {
+        "target": VLLM_TARGET,
+        "scheme": "W4A16 asymmetric uint4 pack-quantized" + (" per channel" if size is None else f" group {size}"),
+        "exact": True,
+        "weight_max_abs_error": 0.0,
+        "weight_relative_error": 0.0,
+        "rows_exact": sum(q.codes.shape[0] for q in layers.values()),
+        "rows": sum(q.codes.shape[0] for q in layers.values()),
+        "activations": "16-bit, not quantized",
+        "vllm_dtype": "float16 (bfloat16 needs VLLM_CPU_INT4_W4A8=0 on AMX CPUs: its W4A8 path needs rows % 128)",
+    }
+
+
+def _int8_rows(q: QuantizedLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric int8 ``(codes (out, in), scale (out, 1), exact (out,), QuEPT's dequantized weight)`` of a layer.
+
+    A row is exact when it has one scale and ``c - z`` lies in ``[-128, 127]``: then its int8 codes ARE ``c - z``
+    with QuEPT's scale. Other rows get the per-row scale, among ``VLLM_W8_SEARCH`` candidates from absmax / 127
+    down to 0.7 of it (clipping the largest weights), with the least squared error against QuEPT's dequantized
+    weight, not the float one: the export approximates what QuEPT computes, never the uncalibrated weight.
+    """
+    from .working import dequantize_codes
+
+    target = dequantize_codes(q.codes, q.scales, q.zeros, q.group_size).to(torch.float32)
+    centred = (
+        q.codes.to(torch.float32)
+        - q.zeros.to(torch.float32).repeat_interleave(
+            q.codes.shape[1] if q.scales.shape[1] == 1 else q.group_size, dim=1
+        )[:, : q.codes.shape[1]]
+    )
+    one_scale = (q.scales == q.scales[:, :1]).all(dim=1)
+    exact = one_scale & (centred.amin(dim=1) >= -128) & (centred.amax(dim=1) <= 127)
+    absmax = target.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127
+    best_err = torch.full_like(absmax, float("inf"))
+    best_scale = absmax.clone()
+    for ratio in torch.linspace(1.0, 0.7, VLLM_W8_SEARCH).tolist():
+        scale = absmax * ratio
+        err = ((torch.clamp(torch.round(target / scale), -128, 127) * scale - target) ** 2).sum(dim=1, keepdim=True)
+        better = err < best_err
+        best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
+    codes = torch.clamp(torch.round(target / best_scale), -128, 127)
+    scale = best_scale
+    exact_scale = q.scales[:, :1].to(torch.float32)
+    codes = torch.where(exact[:, None], centred, codes)
+    scale = torch.where(exact[:, None], exact_scale, scale)
+    return codes.to(torch.int8), scale, exact, target
+
+
+def _w8a8_tensors(layers: dict[str, QuantizedLinear], state: dict[str, torch.Tensor]) -> dict:
+    """``weight`` (int8) / ``weight_scale`` (out, 1) (+ bias) of every layer into ``state``; the conversion report."""
+    rows = rows_exact = 0
+    max_err = sq_err = sq_ref = 0.0
+    worst = ""
+    for name, q in layers.items():
+        codes, scale, exact, target = _int8_rows(q)
+        diff = codes.to(torch.float32) * scale - target
+        layer_max = diff.abs().max().item()
+        if layer_max > max_err:
+            max_err, worst = layer_max, name
+        sq_err += diff.pow(2).sum().item()
+        sq_ref += target.pow(2).sum().item()
+        rows, rows_exact = rows + exact.numel(), rows_exact + int(exact.sum())
+        state[f"{name}.weight"] = codes.contiguous()
+        state[f"{name}.weight_scale"] = scale.to(q.scales.dtype).contiguous()
+        if q.bias is not None:
+            state[f"{name}.bias"] = q.bias.contiguous()
+    relative = math.sqrt(sq_err / sq_ref) if sq_ref else 0.0
+    weight_only = all(q.activation_bits is None for q in layers.values())
+    report = {
+        "target": VLLM_TARGET,
+        "scheme": "W8A8 int8: symmetric per-channel int-quantized weights, dynamic per-token int8 activations",
+        "exact": rows_exact == rows,
+        "weight_max_abs_error": max_err,
+        "weight_max_abs_error_layer": worst,
+        "weight_relative_error": relative,
+        "rows_exact": rows_exact,
+        "rows": rows,
+        "activations": (
+            "vLLM quantizes them per token to int8 (absmax / 127): an approximation the weight-only QuEPT model "
+            "does not make"
+            if weight_only
+            else "per-token int8 absmax / 127: QuEPT's own activation quantizer"
+        ),
+        "vllm_dtype": "float16, bfloat16 or float32",
+    }
+    if not report["exact"]:
+        warnings.warn(
+            f"target='vllm' at 8 bits: {rows - rows_exact} of {rows} rows do not fit a symmetric int8 row "
+            f"(QuEPT's asymmetric grid); re-gridded against QuEPT's dequantized weight: relative error "
+            f"{relative:.2e}, max |error| {max_err:.2e} ({worst}); see quept_export.json",
+            stacklevel=3,
+        )
+    return report
+
+
+def _check_supported(layers: dict[str, QuantizedLinear], allow_int8_tokens: bool = False) -> None:
+    """Weight-only, one bit-width: what compressed-tensors can hold exactly and transformers can load.
+
+    ``allow_int8_tokens`` (the vLLM W8A8 export): per-token 8-bit activation quantization is allowed, since
+    that scheme's dynamic per-token int8 quantizer is QuEPT's (absmax / 127, no clipping parameter).
+    """
     widths = sorted({q.bits for q in layers.values()})
     if len(widths) > 1:
         raise ValueError(
             f"compressed-tensors export takes one bit-width, the plan mixes {widths}: transformers' loader applies "
             "one scheme to every dense layer; use quept_hf.export (the quept packed format) for mixed plans"
         )
-    activation = [n for n, q in layers.items() if q.activation_bits is not None]
+    activation = [
+        n
+        for n, q in layers.items()
+        if q.activation_bits is not None
+        and not (allow_int8_tokens and q.activation_bits == 8 and q.act_log_step is None)
+    ]
     transformed = [n for n, q in layers.items() if q.input_transform is not None]
     if activation or transformed:
         which = activation or transformed
@@ -189,9 +392,15 @@ def _check_supported(layers: dict[str, QuantizedLinear]) -> None:
         )
 
 
-def _write_folder(base: nn.Module, state: dict, quant_config: dict, out_dir: str, tokenizer) -> None:
-    """config.json (with the compressed-tensors block), generation config, model.safetensors: staged, then moved."""
+def _write_folder(
+    base: nn.Module, state: dict, quant_config: dict, out_dir: str, tokenizer, report: dict | None = None
+) -> None:
+    """config.json (with the compressed-tensors block), generation config, model.safetensors (and the conversion
+    report ``quept_export.json`` of a targeted export): staged, then moved."""
     with staged_folder(out_dir) as staging:
+        if report is not None:
+            with open(os.path.join(staging, "quept_export.json"), "w") as handle:
+                json.dump(report, handle, indent=2)
         config = type(base.config).from_dict(copy.deepcopy(base.config.to_dict()))
         config.quantization_config = quant_config
         config.save_pretrained(staging)
