@@ -584,3 +584,41 @@ def test_rows_not_a_multiple_of_32_fall_back_to_f16(tmp_path):
             x = unpermute(module, x, model.config)
             assert np.allclose(x, weight.numpy(), rtol=F16_REL * 1.01, atol=2e-7), module
     assert stored["token_embd.weight"][1] == "F16"
+
+
+def rope_llama(tmp_path, rope: dict) -> torch.nn.Module:
+    from tests.conftest import TINY_LLAMA
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "rope_parameters": rope})).save_pretrained(tmp_path / "rope")
+    config = QuEPTConfig(mode="weight_only")
+    return AutoModelForCausalLM.from_pretrained(tmp_path / "rope", quantization_config=config).eval()
+
+
+def test_llama3_rope_writes_rope_freqs_and_runs(tmp_path):
+    """Llama-3 rope scaling: the ``rope_freqs`` factors convert_hf_to_gguf generates; llama.cpp agrees."""
+    rope = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+    model = rope_llama(tmp_path, {**rope, "original_max_position_embeddings": 16})
+    path = export_gguf(model, 4, tmp_path / "llama3.gguf")
+    freqs, qtype = tensors(path)["rope_freqs.weight"]
+    assert qtype == "F32" and freqs.shape == (8,)
+    base = 1.0 / (500000.0 ** (np.arange(0, 16, 2, dtype=np.float32) / 16))  # llama.cpp divides these by freqs
+    scaled = model.model.rotary_emb.inv_freq.numpy()  # transformers' own llama3 frequencies
+    assert np.allclose(base / freqs, scaled, rtol=1e-5)
+    try:
+        import llama_cpp
+    except (ImportError, OSError):
+        return
+    ids = list(range(3, 40))
+    quept_hf.set_bits(model, 4)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    got = engine_logits(llama_cpp, path, ids)
+    assert np.abs(got - expected).max() / (expected.max() - expected.min()) < 0.02
+
+
+def test_unsupported_rope_is_refused_naming_the_model(tmp_path):
+    model = rope_llama(tmp_path, dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0))
+    with pytest.raises(ValueError, match=r"model: rope_type 'dynamic'"):
+        export_gguf(model, 4, tmp_path / "dynamic.gguf")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))
