@@ -101,6 +101,10 @@ class FrozenLinear(nn.Module):
                 "float weights: freeze again with the width you need)"
             )
         self.active_bits = int(bits)
+        if self.weight_form != "kernel-all":  # at most one working copy resident
+            for other, working in self.workings.items():
+                if other != bits:
+                    working.clear()
         if self.qweight[str(bits)].device.type != "meta":
             self._ensure_working()
 
@@ -139,15 +143,12 @@ class FrozenLinear(nn.Module):
         return dequantize_codes(self.codes(bits), self.scales[key], self.zeros[key], self.group_size[bits])
 
     def _ensure_working(self, bits: int | None = None) -> None:
-        """Derive width ``bits``'s (default: the active width's) working form if it is stale; outside
-        ``"kernel-all"`` drop the other widths' first, so at most one working copy is resident."""
+        """Derive width ``bits``'s (default: the active width's) working form if it is stale (another form, or
+        tensors loaded or replaced since). Runs before every forward, so it reads the tensors straight from the
+        parameter dicts' storage (``ParameterDict[...]`` costs microseconds, times every layer and token)."""
         bits = self.active_bits if bits is None else bits
-        if self.weight_form != "kernel-all":
-            for other, working in self.workings.items():
-                if other != bits:
-                    working.clear()
         key = str(bits)
-        tensors = (self.qweight[key], self.scales[key], self.zeros[key])
+        tensors = (self.qweight._parameters[key], self.scales._parameters[key], self.zeros._parameters[key])
         self.workings[bits].ensure(
             (bits, self.weight_form, *versions(*tensors)),
             self.weight_form,
