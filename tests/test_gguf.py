@@ -622,3 +622,36 @@ def test_unsupported_rope_is_refused_naming_the_model(tmp_path):
     with pytest.raises(ValueError, match=r"model: rope_type 'dynamic'"):
         export_gguf(model, 4, tmp_path / "dynamic.gguf")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_qwen2_keeps_hf_row_order_and_biases(tmp_path):
+    """Qwen2 (convert_hf_to_gguf's Qwen2Model): ``qwen2.*`` keys, no q/k permutation, q/k/v biases in F32; the
+    exact type still reproduces QuEPT's weight, and llama.cpp (when installed) agrees with quept_hf."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tests.conftest import TINY_LLAMA
+
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(**TINY_LLAMA)).save_pretrained(tmp_path / "qwen2")
+    config = QuEPTConfig(mode="weight_only")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "qwen2", quantization_config=config).eval()
+    path = export_gguf(model, 4, tmp_path / "qwen2.gguf")
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items()}
+    assert fields["general.architecture"] == "qwen2" and fields["qwen2.block_count"] == 2
+    stored = tensors(path)
+    bias = model.model.layers[0].self_attn.q_proj.bias.detach().numpy()
+    assert stored["blk.0.attn_q.bias"][1] == "F32" and np.array_equal(stored["blk.0.attn_q.bias"][0], bias)
+    for module, (weight, q) in quept_weights(model, 4).items():
+        s, z = per_element(q, q.scales), per_element(q, q.zeros)
+        bound = q.codes.float().numpy() * fp16_error(s) + fp16_error(-s * z) + 4 * np.spacing(np.abs(s * z) + 1)
+        assert (np.abs(stored[gguf_name(module)][0] - weight.numpy()) <= bound).all(), module  # HF row order
+    try:
+        import llama_cpp
+    except (ImportError, OSError):
+        return
+    ids = list(range(3, 30))
+    quept_hf.set_bits(model, 4)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    got = engine_logits(llama_cpp, path, ids)
+    assert np.abs(got - expected).max() / (expected.max() - expected.min()) < 0.02

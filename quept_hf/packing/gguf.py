@@ -8,7 +8,8 @@ llama.cpp's ``convert_hf_to_gguf.py`` for LLaMA (``conversion/llama.py``, ``conv
 * tensor names from ``gguf.get_tensor_name_map`` (``blk.N.attn_q.weight`` ...), q/k rows permuted as
   ``LlamaModel.permute`` does (llama.cpp's rope pairs rows (i, i + d/2); HF pairs them interleaved). Rows carry
   their own scales and zero points, so permuting codes, scales and zeros together is exact;
-* ``general.architecture = llama`` and the ``llama.*`` hyperparameters, rope base/scaling, RMS norm eps;
+* ``general.architecture = llama`` and the ``llama.*`` hyperparameters, rope base/scaling, RMS norm eps
+  (Qwen2: ``qwen2``, HF row order kept as ``Qwen2Model`` does, q/k/v biases F32);
 * tokenizer and chat template: copied field by field from a source GGUF (``tokenizer="path.gguf"``; SmolLM2's
   float source came from one, found automatically), else built from a Hugging Face tokenizer the way
   ``_set_vocab_gpt2`` + ``gguf.SpecialVocab`` do.
@@ -48,7 +49,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["BIT_TYPES", "EMBEDDING_TYPES", "export_gguf", "gguf_summary", "gguf_type", "permute_rows"]
 
-ARCHITECTURES = {"LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA, "MistralForCausalLM": gguf.MODEL_ARCH.LLAMA}
+ARCHITECTURES = {
+    "LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA,
+    "MistralForCausalLM": gguf.MODEL_ARCH.LLAMA,
+    "Qwen2ForCausalLM": gguf.MODEL_ARCH.QWEN2,
+}
+PERMUTED = {gguf.MODEL_ARCH.LLAMA}  # convert_hf_to_gguf's LlamaModel.undo_permute; Qwen2Model keeps HF's rows
 BIT_TYPES = {2: "Q2_K", 3: "Q3_K", 4: "Q4_1", 5: "Q5_1", 6: "Q6_K", 7: "Q8_0", 8: "Q8_0"}
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q6_K": "Q8_0"}  # llama-quant.cpp tensor_type_fallback
 EXACT = {"Q4_1": 4, "Q5_1": 5}
@@ -374,6 +380,8 @@ def _tensors(base: nn.Module, grids: dict[str, QuantizedLinear], arch, embedding
     config = base.config
     tmap = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     n_head, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
+    if arch not in PERMUTED:
+        n_head = None
     tied = bool(getattr(config, "tie_word_embeddings", False))
     done = set()
     for key, tensor in base.state_dict().items():
@@ -399,7 +407,10 @@ def _tensors(base: nn.Module, grids: dict[str, QuantizedLinear], arch, embedding
         yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", freqs, "F32"
 
 
-def _order(key: str, rows: int, n_head: int, n_kv: int | None) -> torch.Tensor | None:
+def _order(key: str, rows: int, n_head: int | None, n_kv: int | None) -> torch.Tensor | None:
+    """GGUF row order of a q/k projection (or bias) where the architecture permutes them, else None."""
+    if n_head is None:
+        return None
     if ".q_proj." in key:
         return permute_rows(rows, n_head, n_head)
     if ".k_proj." in key:
