@@ -7,7 +7,8 @@ script (run with the PROJECT venv) writes, under ``--out``:
 * ``float/``: the plain float SmolLM2 folder's path (vLLM's float baseline) and its transformers reference;
 * ``w4/`` (per channel), ``w4g128/`` (QuEPT group 128, stored as compressed-tensors group 64 since 576 rows
   are not a multiple of 128) and ``w8/`` (W8A8 int8): ``export_compressed_tensors(..., target="vllm")`` of the
-  uncalibrated (round-to-nearest) elastic model;
+  uncalibrated (round-to-nearest) elastic model; ``w8a8/``: the same of QuEPT's weight+activation model, whose
+  per-token int8 activation quantizer is vLLM's, so its reference quantizes activations too;
 * ``reference.json`` in each: the prompt ids, quept_hf's greedy continuation at that width, and its
   teacher-forced top-5 log-probabilities at every continuation position (what vLLM's ``prompt_logprobs``
   returns for the same sequence), plus the export's conversion report;
@@ -85,6 +86,9 @@ def main() -> None:
         "w4": (4, {}),
         "w4g128": (4, {"group_size": {b: 128 for b in range(2, 9)}}),
         "w8": (8, {}),
+        # QuEPT's own W8A8 (per-token int8 activations, vLLM's quantizer): rotation off, since its online
+        # Hadamard transforms before down_proj have no compressed-tensors equivalent.
+        "w8a8": (8, {"mode": "weight_activation", "rotation": False}),
     }
     elastic = {}
     for name, (bits, config) in plans.items():

@@ -118,6 +118,22 @@ def compare(reference: dict, result: dict) -> dict:
     }
 
 
+def plan_variants(manifest: dict, args: argparse.Namespace) -> list[dict]:
+    """The runs: each export at its dtype (``--dtype auto``: the one its ``quept_export.json`` names, since the
+    4-bit and the W8A8 kernels of vLLM's CPU build take different ones), and the float model at each such dtype
+    (its throughput is what each export is compared with; float16 first: the floor of the agreement)."""
+    runs, dtypes = [], []
+    for variant in manifest["variants"][1:]:
+        export = json.loads((Path(variant["reference"]) / "reference.json").read_text()).get("export", {})
+        dtype = args.dtype if args.dtype != "auto" else export.get("vllm_dtype", "float16")
+        runs.append({**variant, "dtype": dtype})
+        dtypes += [dtype] if dtype not in dtypes else []
+    float_variant = manifest["variants"][0]
+    names = {d: "float" if i == 0 else f"float-{d}" for i, d in enumerate(sorted(dtypes, key=lambda d: d != "float16"))}
+    floats = [{**float_variant, "name": names[d], "dtype": d} for d in names]
+    return [r for r in floats + runs if not args.only or r["name"] in args.only]
+
+
 def ensure_exports(args: argparse.Namespace) -> dict:
     """The manifest of the exports, running the project-venv half first when it is missing."""
     manifest = Path(args.exports) / "manifest.json"
@@ -133,17 +149,15 @@ def parent(args: argparse.Namespace) -> int:
     rows, failures = [], []
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for variant in manifest["variants"]:
-        if args.only and variant["name"] not in args.only:
-            continue
+    for variant in plan_variants(manifest, args):
         result_path = Path(args.exports) / f"vllm_{variant['name']}.json"
         result_path.unlink(missing_ok=True)
         command = [
             sys.executable, __file__, "--child", "--model", variant["model"], "--reference", variant["reference"],
-            "--result", str(result_path), "--dtype", args.dtype, "--decode-tokens", str(args.decode_tokens),
+            "--result", str(result_path), "--dtype", variant["dtype"], "--decode-tokens", str(args.decode_tokens),
             "--batch", str(args.batch),
         ]  # fmt: skip
-        print(f"== vLLM: {variant['name']} ({variant['model']})", flush=True)
+        print(f"== vLLM: {variant['name']} ({variant['model']}, {variant['dtype']})", flush=True)
         log_path = Path(args.exports) / f"vllm_{variant['name']}.log"
         with open(log_path, "w") as log:
             code = subprocess.run(
@@ -151,7 +165,7 @@ def parent(args: argparse.Namespace) -> int:
             ).returncode
         reference = json.loads((Path(variant["reference"]) / "reference.json").read_text())
         export = reference.get("export", {})
-        row = {"model": variant["name"], "scheme": export.get("scheme", "float (unquantized)")}
+        row = {"model": variant["name"], "dtype": variant["dtype"], "scheme": export.get("scheme", "float")}
         if code != 0 or not result_path.exists():
             tail = log_path.read_text().strip().splitlines()[-5:]
             failures.append(variant["name"])
@@ -162,11 +176,11 @@ def parent(args: argparse.Namespace) -> int:
         row.update({k: v for k, v in result.items() if k.startswith("decode_") or k == "load_s"})
         row["weight_rel_error"] = export.get("weight_relative_error", 0.0)
         rows.append(row)
-    floats = next((r for r in rows if r["model"] == "float" and r["loaded"] == "yes"), None)
+    floats = {r["dtype"]: r for r in rows if r["scheme"] == "float" and r["loaded"] == "yes"}
     for row in rows:
         for key in [k for k in row if k.startswith("decode_")]:
-            if floats is not None and key in floats:
-                row[key.replace("decode_", "speedup_")] = row[key] / floats[key]
+            if key in floats.get(row["dtype"], {}):
+                row[key.replace("decode_", "speedup_")] = row[key] / floats[row["dtype"]][key]
     print_table(rows, manifest, args)
     RESULTS.mkdir(exist_ok=True)
     fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("model", "scheme", "loaded"), k))
@@ -179,22 +193,22 @@ def parent(args: argparse.Namespace) -> int:
 
 
 def print_table(rows: list[dict], manifest: dict, args: argparse.Namespace) -> None:
-    batch, nan = f"decode_{args.batch}", float("nan")
+    batch, speedup, nan = f"decode_{args.batch}", f"speedup_{args.batch}", float("nan")
     header = (
-        f"{'model':<8} {'loaded':<6} {'greedy':>6} {'argmax':>6} {'top5':>5} {'max|dlogp|':>10} {'w.rel.err':>9} "
-        f"{'tok/s b1':>8} {'x float':>7} {f'tok/s b{args.batch}':>9} {'x float':>7}"
+        f"{'model':<11} {'dtype':<8} {'loaded':<6} {'greedy':>6} {'argmax':>6} {'top5':>5} {'max|dlogp|':>10} "
+        f"{'w.rel.err':>9} {'tok/s b1':>8} {'x float':>7} {f'tok/s b{args.batch}':>9} {'x float':>7}"
     )
-    print(f"\nvLLM CPU ({args.dtype}) vs quept_hf, SmolLM2-135M, prompt {manifest['prompt']!r}")
+    print(f"\nvLLM CPU vs quept_hf (float32), SmolLM2-135M, prompt {manifest['prompt']!r}")
     print(header)
     print("-" * len(header))
     for r in rows:
         if r["loaded"] != "yes":
-            print(f"{r['model']:<8} {'no':<6} {r.get('error', '')}")
+            print(f"{r['model']:<11} {r['dtype']:<8} {'no':<6} {r.get('error', '')}")
             continue
         print(
-            f"{r['model']:<8} {'yes':<6} {r['greedy']:>6} {r['argmax_agree']:>6.2f} {r['top5_overlap']:>5.2f} "
-            f"{r['max_abs_dlogprob']:>10.3f} {r['weight_rel_error']:>9.1e} {r['decode_1']:>8.1f} "
-            f"{r.get('speedup_1', nan):>7.2f} {r[batch]:>9.1f} {r.get(f'speedup_{args.batch}', nan):>7.2f}"
+            f"{r['model']:<11} {r['dtype']:<8} {'yes':<6} {r['greedy']:>6} {r['argmax_agree']:>6.2f} "
+            f"{r['top5_overlap']:>5.2f} {r['max_abs_dlogprob']:>10.3f} {r['weight_rel_error']:>9.1e} "
+            f"{r['decode_1']:>8.1f} {r.get('speedup_1', nan):>7.2f} {r[batch]:>9.1f} {r.get(speedup, nan):>7.2f}"
         )
     for r in rows:
         print(f"  {r['model']}: {r['scheme']}")
@@ -208,7 +222,7 @@ def main() -> None:
     parser.add_argument("--project-python", default=str(ROOT / ".venv" / "bin" / "python"))
     parser.add_argument("--re-export", action="store_true", help="run the export step even if a manifest exists")
     parser.add_argument("--only", nargs="*", help="variant names to check (default: all)")
-    parser.add_argument("--dtype", default="float16", help="vLLM dtype (default float16: see the docstring)")
+    parser.add_argument("--dtype", default="auto", help="vLLM dtype (default auto: each export's own, see above)")
     parser.add_argument("--decode-tokens", type=int, default=64, help="tokens per timed decode (default 64)")
     parser.add_argument("--batch", type=int, default=4, help="batched decode size (default 4)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per model (default 900)")

@@ -74,7 +74,9 @@ VLLM_TARGET = "vllm"
 # Group sizes every vLLM 4-bit path runs: CPUWNA16 takes any even size, CUDA Marlin only these (-1: one per row).
 VLLM_W4_GROUPS = (32, 64, 128)
 VLLM_MULTIPLE = 32  # CPUWNA16LinearKernel.can_implement: in and out features multiples of 32
-VLLM_W8_SEARCH = 32  # candidate per-row int8 scales between absmax/127 and 0.7 * absmax/127
+# Candidate per-row int8 scales, absmax/127 down to VLLM_W8_LOWEST of it (SmolLM2 RTN W8, weights alone:
+# 0.9 gave top-5 overlap 0.99 and the least error; no search 0.96; down to 0.7 clipped outliers harder).
+VLLM_W8_SEARCH, VLLM_W8_LOWEST = 32, 0.9
 
 
 def compressed_tensors_available() -> bool:
@@ -278,7 +280,11 @@ def _report_w4(layers: dict[str, QuantizedLinear], size: int | None) -> dict:
         "rows_exact": sum(q.codes.shape[0] for q in layers.values()),
         "rows": sum(q.codes.shape[0] for q in layers.values()),
         "activations": "16-bit, not quantized",
-        "vllm_dtype": "float16 (bfloat16 needs VLLM_CPU_INT4_W4A8=0 on AMX CPUs: its W4A8 path needs rows % 128)",
+        "vllm_dtype": "float16",
+        "vllm_dtype_why": (
+            "CPUWNA16 dispatches only 16-bit activations; with bfloat16 on an AMX CPU vLLM switches to its W4A8 "
+            "path (VLLM_CPU_INT4_W4A8=1 by default), which quantizes activations and needs rows % 128 == 0"
+        ),
     }
 
 
@@ -287,8 +293,8 @@ def _int8_rows(q: QuantizedLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
     A row is exact when it has one scale and ``c - z`` lies in ``[-128, 127]``: then its int8 codes ARE ``c - z``
     with QuEPT's scale. Other rows get the per-row scale, among ``VLLM_W8_SEARCH`` candidates from absmax / 127
-    down to 0.7 of it (clipping the largest weights), with the least squared error against QuEPT's dequantized
-    weight, not the float one: the export approximates what QuEPT computes, never the uncalibrated weight.
+    down to ``VLLM_W8_LOWEST`` of it (clipping the largest weights), with the least squared error against QuEPT's
+    dequantized weight, not the float one: the export approximates what QuEPT computes, never the float weight.
     """
     from .working import dequantize_codes
 
@@ -304,7 +310,7 @@ def _int8_rows(q: QuantizedLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     absmax = target.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127
     best_err = torch.full_like(absmax, float("inf"))
     best_scale = absmax.clone()
-    for ratio in torch.linspace(1.0, 0.7, VLLM_W8_SEARCH).tolist():
+    for ratio in torch.linspace(1.0, VLLM_W8_LOWEST, VLLM_W8_SEARCH).tolist():
         scale = absmax * ratio
         err = ((torch.clamp(torch.round(target / scale), -128, 127) * scale - target) ** 2).sum(dim=1, keepdim=True)
         better = err < best_err
@@ -352,7 +358,11 @@ def _w8a8_tensors(layers: dict[str, QuantizedLinear], state: dict[str, torch.Ten
             if weight_only
             else "per-token int8 absmax / 127: QuEPT's own activation quantizer"
         ),
-        "vllm_dtype": "float16, bfloat16 or float32",
+        "vllm_dtype": "bfloat16",
+        "vllm_dtype_why": (
+            "on an AMX CPU vLLM runs symmetric-input W8A8 with its sgl int8 kernel, bfloat16 only (float16 aborts: "
+            "'scale_C: scalar path not implemented', gemm_int8.cpp); without AMX (oneDNN) any dtype"
+        ),
     }
     if not report["exact"]:
         warnings.warn(
