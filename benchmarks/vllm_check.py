@@ -39,6 +39,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
+TOLERANCE = 0.05  # how much less an exact export may agree with quept_hf than vLLM's float model with float32
 
 
 def vllm_available() -> bool:
@@ -175,6 +176,7 @@ def parent(args: argparse.Namespace) -> int:
         row.update({"loaded": "yes", **compare(reference, result)})
         row.update({k: v for k, v in result.items() if k.startswith("decode_") or k == "load_s"})
         row["weight_rel_error"] = export.get("weight_relative_error", 0.0)
+        row["exact"] = export.get("exact", True)
         rows.append(row)
     floats = {r["dtype"]: r for r in rows if r["scheme"] == "float" and r["loaded"] == "yes"}
     for row in rows:
@@ -182,6 +184,15 @@ def parent(args: argparse.Namespace) -> int:
             if key in floats.get(row["dtype"], {}):
                 row[key.replace("decode_", "speedup_")] = row[key] / floats[row["dtype"]][key]
     print_table(rows, manifest, args)
+    for row in rows:  # an exact export must agree with quept_hf as well as vLLM's float model agrees with float32
+        floor = floats.get(row["dtype"])
+        if row["loaded"] != "yes" or not row["exact"] or floor is None or row is floor:
+            continue
+        if min(row["argmax_agree"] - floor["argmax_agree"], row["top5_overlap"] - floor["top5_overlap"]) < -TOLERANCE:
+            failures.append(row["model"])
+            print(f"FAIL {row['model']}: exact export agrees less than float {row['dtype']} (> {TOLERANCE} below)")
+    if failures:
+        print(f"FAILED: {failures}")
     RESULTS.mkdir(exist_ok=True)
     fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("model", "scheme", "loaded"), k))
     with open(RESULTS / "vllm_check.csv", "w", newline="") as handle:
