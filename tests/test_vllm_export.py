@@ -123,6 +123,10 @@ def test_vllm_refuses_what_its_cpu_kernels_cannot_run(elastic, tiny_llama_dir, t
     for bits in (2, 3, 5, 6, 7):
         with pytest.raises(ValueError, match="CPUWNA16LinearKernel"):
             export_compressed_tensors(elastic, bits, tmp_path / f"w{bits}", target="vllm")
+    with pytest.raises(ValueError, match="one bit-width"):
+        export_compressed_tensors(
+            elastic, {"model.layers.0": 4, "model.layers.1": 8}, tmp_path / "mixed", target="vllm"
+        )
     with pytest.raises(ValueError, match="target="):
         export_compressed_tensors(elastic, 4, tmp_path / "x", target="tensorrt")
     small_groups = AutoModelForCausalLM.from_pretrained(
@@ -136,3 +140,5 @@ def test_vllm_refuses_what_its_cpu_kernels_cannot_run(elastic, tiny_llama_dir, t
     )
     with pytest.raises(ValueError, match="multiples of 32"):
         _check_vllm({"layer": odd})
+    odd.bits = 8
+    assert _check_vllm({"layer": odd})  # W8A8: oneDNN takes any shape

@@ -1,4 +1,4 @@
-"""Export a frozen QuEPT model as compressed-tensors ``pack-quantized``, the layout vLLM and transformers load.
+"""Export a frozen QuEPT model as compressed-tensors (``pack-quantized``; W8A8 ``int-quantized`` for vLLM).
 
 Why this format: compressed-tensors (the llm-compressor / vLLM checkpoint format) stores integer weights of ANY
 width 1..8 packed densely into int32 words (``weight_packed``), with ASYMMETRIC zero points for the ``group`` and
@@ -19,8 +19,10 @@ Weight-only models and one bit-width per export: QuEPT's activation quantizer (p
 clamp) and online input transforms have no exact compressed-tensors equivalent, and transformers' loader applies
 one scheme to every dense layer (so a mixed plan could be written but not loaded back there).
 
-``target="vllm"``: the layouts vLLM 0.32's CPU build runs (read from its sources; the CUDA Marlin path takes a
-superset of the 4-bit one), and a ValueError naming the reason for every other width:
+``target="vllm"``: the layouts vLLM 0.32's CPU build runs (read from its sources, and run by
+benchmarks/vllm_check.py), and a ValueError naming the reason for every other width. The 4-bit layout is also
+one CUDA's Marlin kernel accepts by its ``can_implement`` (uint4 with zero points, groups -1/32/64/128; not run
+on a GPU here):
 
 * 4 bits: weight-only ``pack-quantized`` uint4 WITH zero points (asymmetric, vLLM's ``CompressedTensorsWNA16``
   -> ``CPUWNA16LinearKernel``, which takes only ``uint4`` / ``uint4b8``: ``_CPUWNA16_SUPPORTED_QUANT_TYPES`` in
@@ -236,6 +238,8 @@ def export_compressed_tensors(
 def _check_vllm(layers: dict[str, QuantizedLinear]) -> bool:
     """Refuse, with the reason, what vLLM 0.32's CPU build cannot run; True for 8 bits (the W8A8 int8 scheme)."""
     widths = sorted({q.bits for q in layers.values()})
+    if len(widths) > 1:
+        return False  # a mixed plan: _check_supported refuses it with its own reason
     if widths != [4] and widths != [8]:
         raise ValueError(
             f"target='vllm' exports 4 or 8 bits, not {widths}: vLLM's CPU build runs compressed-tensors weight-only "
@@ -243,6 +247,8 @@ def _check_vllm(layers: dict[str, QuantizedLinear]) -> bool:
             "vllm/model_executor/kernels/linear/mixed_precision/cpu.py; CUDA Marlin adds only uint8b128) and 8-bit "
             "weights only as W8A8 int8; export without target= for the general format"
         )
+    if widths == [8]:
+        return True  # any shape: the sgl int8 kernel where K % 32 and N % 16 allow, else oneDNN
     for name, q in layers.items():
         out_features, in_features = q.codes.shape
         if in_features % VLLM_MULTIPLE or out_features % VLLM_MULTIPLE:
@@ -250,8 +256,6 @@ def _check_vllm(layers: dict[str, QuantizedLinear]) -> bool:
                 f"target='vllm': {name} is {out_features} x {in_features}; vLLM's CPU kernels need in and out "
                 f"features that are multiples of {VLLM_MULTIPLE} (CPUWNA16LinearKernel.can_implement, cpu_wna16.cpp)"
             )
-    if widths == [8]:
-        return True
     _, size = _ct_grouping(layers)
     if size is not None and size not in VLLM_W4_GROUPS:
         raise ValueError(
@@ -264,7 +268,8 @@ def _check_vllm(layers: dict[str, QuantizedLinear]) -> bool:
     if acts:
         raise ValueError(
             f"target='vllm' at 4 bits is weight-only: {acts[0]} (and {len(acts) - 1} more) quantizes activations; "
-            "vLLM's 4-bit activation path (W4A8 int) needs symmetric int4 weights, which QuEPT's grid is not"
+            "vLLM's int4-weight activation paths need SYMMETRIC int4 weights (_is_dynamic_token_w4a8_int in "
+            "compressed_tensors.py), which QuEPT's asymmetric grid is not"
         )
     return False
 
