@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 import statistics
 import subprocess
@@ -147,7 +148,7 @@ def _width(key: str) -> int | None:
 def _slice_bytes(tensor_slice) -> int:
     shape = tensor_slice.get_shape()
     element = {"U8": 1, "F16": 2, "BF16": 2, "F32": 4, "I64": 8}[tensor_slice.get_dtype()]
-    return element * (int(torch.tensor(shape).prod()) if shape else 1)
+    return element * math.prod(shape)
 
 
 # ------------------------------------------------------------------------------------------------- 3. RSS

@@ -507,17 +507,7 @@ class QuEPTConfig(QuantizationConfigMixin):
         if self.packed is None:
             return
         packed = self.packed
-        if not isinstance(packed, dict) or packed.get("format") != PACKED_FORMAT:
-            raise ValueError(f"QuEPTConfig.packed must be a dict with format={PACKED_FORMAT!r}, got {packed!r}")
-        version = packed.get("version", 1)
-        if not _is_int(version) or version < 1:
-            raise ValueError(f"QuEPTConfig.packed['version']={version!r} must be a positive integer")
-        if version > PACKED_VERSION:
-            raise ValueError(
-                f"QuEPTConfig.packed['version']={version}: this packed checkpoint uses packed format version "
-                f"{version}, but the installed quept_hf reads up to version {PACKED_VERSION}: upgrade quept_hf "
-                "(pip install -U quept-hf)"
-            )
+        self._check_kind("packed", PACKED_FORMAT, PACKED_VERSION, default_version=1)
         for key in ("bits", "activation_bits"):
             widths = packed.get(key) or {}
             if not isinstance(widths, dict) or (key == "bits" and not widths):
@@ -536,22 +526,28 @@ class QuEPTConfig(QuantizationConfigMixin):
                 f"QuEPTConfig.packed['per_tensor_activations'] names modules without activation bits: {unknown[:4]}"
             )
 
+    def _check_kind(self, kind: str, format_name: str, newest: int, default_version: int | None = None) -> None:
+        """The header of a checkpoint kind (``packed``, ``frozen``): its format name and a version this quept_hf
+        reads; a newer version fails with both numbers and the fix."""
+        header = getattr(self, kind)
+        if not isinstance(header, dict) or header.get("format") != format_name:
+            raise ValueError(f"QuEPTConfig.{kind} must be a dict with format={format_name!r}, got {header!r}")
+        version = header.get("version", default_version)
+        if not _is_int(version) or version < 1:
+            raise ValueError(f"QuEPTConfig.{kind}['version']={version!r} must be a positive integer")
+        if version > newest:
+            raise ValueError(
+                f"QuEPTConfig.{kind}['version']={version}: this {kind} checkpoint uses {kind} format version "
+                f"{version}, but the installed quept_hf reads up to version {newest}: upgrade quept_hf "
+                "(pip install -U quept-hf)"
+            )
+
     def _check_frozen(self) -> None:
         """A frozen checkpoint names, for every frozen module, the bit-widths it keeps codes of (declared ones)."""
         if self.frozen is None:
             return
         frozen = self.frozen
-        if not isinstance(frozen, dict) or frozen.get("format") != FROZEN_FORMAT:
-            raise ValueError(f"QuEPTConfig.frozen must be a dict with format={FROZEN_FORMAT!r}, got {frozen!r}")
-        version = frozen.get("version")
-        if not _is_int(version) or version < 1:
-            raise ValueError(f"QuEPTConfig.frozen['version']={version!r} must be a positive integer")
-        if version > FROZEN_VERSION:
-            raise ValueError(
-                f"QuEPTConfig.frozen['version']={version}: this frozen checkpoint uses frozen format version "
-                f"{version}, but the installed quept_hf reads up to version {FROZEN_VERSION}: upgrade quept_hf "
-                "(pip install -U quept-hf)"
-            )
+        self._check_kind("frozen", FROZEN_FORMAT, FROZEN_VERSION)
         if self.packed is not None:
             raise ValueError("QuEPTConfig.packed and QuEPTConfig.frozen are exclusive: a checkpoint is one kind")
         widths = frozen.get("bits")

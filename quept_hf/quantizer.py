@@ -58,25 +58,32 @@ def replace_packed_linears(model: nn.Module, config: QuEPTConfig) -> list[str]:
     The new modules live on the old weight's device (meta while transformers builds the skeleton), so no float
     weight of a packed linear is ever materialised; the checkpoint fills ``qweight``, ``scales``, ``zeros``.
     """
-    from .packing.linear import PackedLinear
-
     activation_bits = config.packed.get("activation_bits") or {}
     per_tensor = set(config.packed.get("per_tensor_activations") or [])
     for name, bits in config.packed["bits"].items():
         module = _linear_named(model, name, "packed")
-        new = PackedLinear(
-            module.in_features,
-            module.out_features,
-            module.bias is not None,
-            bits=bits,
-            group_size=config.group_size[bits],
-            activation_bits=activation_bits.get(name),
-            activation_granularity="per_tensor" if name in per_tensor else "per_token",
-            device=module.weight.device,
-            dtype=module.weight.dtype,
-        )
+        new = _packed_like(module, bits, config.group_size[bits], activation_bits.get(name), name in per_tensor)
         _replace(model, name, new)
     return list(config.packed["bits"])
+
+
+def _packed_like(
+    module: nn.Linear, bits: int, group_size: int, activation_bits: int | None = None, per_tensor: bool = False
+) -> nn.Module:
+    """An empty `PackedLinear` of ``module``'s shape, on its device and dtype (meta before weight loading)."""
+    from .packing.linear import PackedLinear
+
+    return PackedLinear(
+        module.in_features,
+        module.out_features,
+        module.bias is not None,
+        bits=bits,
+        group_size=group_size,
+        activation_bits=activation_bits,
+        activation_granularity="per_tensor" if per_tensor else "per_token",
+        device=module.weight.device,
+        dtype=module.weight.dtype,
+    )
 
 
 def replace_frozen_linears(model: nn.Module, config: QuEPTConfig) -> list[str]:
@@ -85,7 +92,6 @@ def replace_frozen_linears(model: nn.Module, config: QuEPTConfig) -> list[str]:
     As for packed checkpoints, the new modules live on the old weight's device (meta while transformers builds the
     skeleton), so no float weight of a frozen linear is ever materialised."""
     from .packing.frozen import FrozenLinear
-    from .packing.linear import PackedLinear
 
     per_tensor = set(config.frozen.get("per_tensor_activations") or [])
     for name, kept in config.frozen["bits"].items():
@@ -104,16 +110,7 @@ def replace_frozen_linears(model: nn.Module, config: QuEPTConfig) -> list[str]:
         _replace(model, name, new)
     head = config.frozen.get("head")
     if head is not None:
-        module = _linear_named(model, head["module"], "frozen")
-        new = PackedLinear(
-            module.in_features,
-            module.out_features,
-            module.bias is not None,
-            bits=head["bits"],
-            group_size=head["group_size"],
-            device=module.weight.device,
-            dtype=module.weight.dtype,
-        )
+        new = _packed_like(_linear_named(model, head["module"], "frozen"), head["bits"], head["group_size"])
         new.set_weight_form("dequantized")
         _replace(model, head["module"], new)
     return list(config.frozen["bits"])

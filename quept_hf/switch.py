@@ -65,8 +65,9 @@ def set_bits(model: nn.Module, bits: int | str | Mapping[str, int]) -> None:
             f"{'' if config.is_frozen else ' (or 16, float)'}, plan names {sorted(config.plans)} or a "
             "{module: bits} mapping"
         )
-    if config.is_frozen:
-        set_layer_bits(model, dict.fromkeys(frozen_linears(model), bits))
+    if config.is_frozen:  # every layer keeps its own widths: check them all before switching any
+        layers = frozen_linears(model)
+        _switch_layers(layers, dict.fromkeys(layers, bits), config)
         return
     adapters = mbclora_layers(model)
     if not adapters or bits == FLOAT_BITS:
@@ -158,6 +159,11 @@ def set_layer_bits(model: nn.Module, bits: Mapping[str, int]) -> None:
             f"set_bits: unknown module name(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''}; quantized "
             f"linears are named like {sorted(layers)[:3]} (see quept_hf.get_bits(model))"
         )
+    _switch_layers(layers, bits, config)
+
+
+def _switch_layers(layers: Mapping[str, nn.Module], bits: Mapping[str, int], config: QuEPTConfig) -> None:
+    """Check every requested width against what its layer offers (16 only for elastic layers), then switch."""
 
     def allowed(name: str) -> list[int]:
         return layers[name].bits if config.is_frozen else [*layers[name].bits, FLOAT_BITS]
@@ -187,8 +193,13 @@ def get_bits(model: nn.Module) -> int | dict[str, int]:
 
 
 def switchable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The layers a switch sets, by module name: elastic `QuEPTLinear`s, or a frozen model's `FrozenLinear`s."""
-    return quept_linears(model) or frozen_linears(model)
+    """The layers a switch sets, by module name: elastic `QuEPTLinear`s, or a frozen model's `FrozenLinear`s (one
+    walk over the modules: the config says which kind the model is)."""
+    try:
+        frozen = quept_config(model).is_frozen
+    except ValueError:  # not a QuEPT model: whichever layers it has
+        return quept_linears(model) or frozen_linears(model)
+    return frozen_linears(model) if frozen else quept_linears(model)
 
 
 def set_adapter_frozen(model: nn.Module, adapter_name: str | list[str]) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..config import FROZEN_FORMAT, FROZEN_VERSION, QuEPTConfig
+from ..config import FROZEN_FORMAT, FROZEN_VERSION, MAX_BITS, MIN_BITS, QuEPTConfig
 from ..nn.functional import quantize_weight_codes
 from .codec import pack
 from .export import QuantizedLinear, quantize_layers, resolve_plan, stored_plans
@@ -49,9 +49,8 @@ def kept_widths(
     available = stored_plans(model, config)
     names = sorted(available) if plans is None else _check_plans(plans, available, config)
     plan_maps = {name: resolve_plan(model, name)[1] for name in names}
-    modules = resolve_plan(model, uniform[-1])[1]  # every quantized linear; checks each keeps its widths
-    for b in uniform[:-1]:
-        resolve_plan(model, b)
+    for b in uniform:  # refuses a width some layer does not offer (a merged layer keeps one)
+        modules = resolve_plan(model, b)[1]
     kept = {module: sorted({*uniform, *(plan[module] for plan in plan_maps.values())}) for module in modules}
     return uniform, plan_maps, kept
 
@@ -142,10 +141,10 @@ def _head_tensors(base: nn.Module, head_bits: int) -> tuple[str, dict[str, torch
 
 
 def _check_head_bits(head_bits: object) -> None:
-    if head_bits is not None and (
-        isinstance(head_bits, bool) or not isinstance(head_bits, int) or not 2 <= head_bits <= 8
-    ):
-        raise ValueError(f"freeze: head_bits={head_bits!r}; allowed: None (float head) or an int in 2..8")
+    if head_bits is None:
+        return
+    if isinstance(head_bits, bool) or not isinstance(head_bits, int) or not MIN_BITS <= head_bits <= MAX_BITS:
+        raise ValueError(f"freeze: head_bits={head_bits!r}; allowed: None (float head) or {MIN_BITS}..{MAX_BITS}")
 
 
 @torch.no_grad()
