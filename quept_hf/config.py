@@ -17,7 +17,9 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 MODES = ("weight_only", "weight_activation")
 MIN_BITS, MAX_BITS = 2, 8
-FORMAT_VERSION = 1
+# 2 (session 4): saves also write quept_manifest.json (tensor-file digests) and the format-field digests in the
+# safetensors metadata, both checked on load; version-1 folders (without them) still load, unchecked.
+FORMAT_VERSION = 2
 PACKED_FORMAT = "quept-packed"  # `QuEPTConfig.packed["format"]` of a checkpoint written by `quept_hf.export`
 PACKED_VERSION = 1
 FROZEN_FORMAT = "quept-frozen"  # `QuEPTConfig.frozen["format"]` of a checkpoint written by `quept_hf.freeze`

@@ -47,7 +47,7 @@ from huggingface_hub.utils import is_jinja_available
 from torch import nn
 
 from .calibration.engine import SETTINGS as CALIBRATION_SETTINGS
-from .config import QuEPTConfig
+from .config import FORMAT_VERSION, QuEPTConfig
 from .mbclora.config import MBCLORA, MBCLoRAConfig, adapter_name_for_bits
 from .mbclora.layer import MBCLoRALayer
 from .mbclora.model import check_slices_loaded
@@ -231,6 +231,7 @@ def _stamp(base: nn.Module, config: QuEPTConfig) -> QuEPTConfig:
     from . import __version__
 
     config.quept_version = __version__
+    config.format_version = FORMAT_VERSION  # what this save writes, whatever version the model was loaded from
     if config.is_packed:
         return config
     config.adapters = adapter_entries(base)

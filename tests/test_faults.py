@@ -359,6 +359,29 @@ def test_saved_folder_loads_identically(saved):
     _assert_same(_logits(_load(folder)), logits)
 
 
+def test_format_version_1_folder_loads_and_resaves_as_current(saved, tmp_path):
+    """A folder of format version 1 (before this session: no manifest, no digests in the safetensors metadata) loads
+    with the same outputs; saving it again writes the current version with both."""
+    from safetensors.torch import load_file, save_file
+
+    from quept_hf.config import FORMAT_VERSION
+    from quept_hf.serialization import MANIFEST_NAME
+
+    folder, logits = saved
+    (folder / MANIFEST_NAME).unlink()
+    for path in folder.glob("*.safetensors"):
+        save_file(load_file(path), path, metadata={"format": "pt"})
+    _edit_json(folder / "config.json", format_version=1)
+    model = _load(folder)
+    _assert_same(_logits(model), logits)
+    model.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]["format_version"] == (
+        FORMAT_VERSION
+    )
+    assert (tmp_path / "again" / MANIFEST_NAME).exists()
+    _assert_same(_logits(_load(tmp_path / "again")), logits)
+
+
 @pytest.mark.parametrize("point", ["after_base", "after_adapter", "before_swap", "mid_shards"])
 def test_save_killed_leaves_the_old_model(saved, tmp_path, point):
     """Defect 3: a kill between transformers' base weights and our adapter left new base + old adapter."""

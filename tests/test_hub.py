@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import quept_hf
 from quept_hf import QuEPTConfig, hub
+from quept_hf.config import FORMAT_VERSION
 from quept_hf.mixed_precision import Plan, add_plan
 from quept_hf.quantizer import quept_linears
 
@@ -222,9 +223,11 @@ def test_missing_adapter_tensors_are_named(calibrated, tiny_llama_dir, tmp_path,
 def test_newer_format_version_fails_with_both_versions(calibrated, tmp_path):
     fresh(calibrated).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    config["quantization_config"].update(format_version=2, a_field_from_the_future=True)
+    config["quantization_config"].update(format_version=FORMAT_VERSION + 1, a_field_from_the_future=True)
     (tmp_path / "config.json").write_text(json.dumps(config))
-    message = "QuEPT format version 2, but the installed quept_hf reads up to version 1"
+    message = (
+        f"QuEPT format version {FORMAT_VERSION + 1}, but the installed quept_hf reads up to version {FORMAT_VERSION}"
+    )
     with pytest.raises(ValueError, match=message):
         hub.list_bit_widths(tmp_path)
     with pytest.raises(ValueError, match=message):

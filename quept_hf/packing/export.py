@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..atomic import staged_folder
-from ..config import MAX_BITS, MIN_BITS, PACKED_FORMAT, PACKED_VERSION, QuEPTConfig
+from ..config import FORMAT_VERSION, MAX_BITS, MIN_BITS, PACKED_FORMAT, PACKED_VERSION, QuEPTConfig
 from ..mbclora.layer import MBCLoRALayer
 from ..naming import bits_of_adapter_name
 from ..nn import FLOAT_BITS, QuEPTLinear, quantize_weight_codes
@@ -187,6 +187,7 @@ def packed_config(config: QuEPTConfig, name: str, layers: dict[str, QuantizedLin
     data.pop("quant_method", None)
     used = sorted({q.bits for q in layers.values()})
     data.update(
+        format_version=FORMAT_VERSION,
         bits=used,
         bit_groups=[used],
         default_bits=max(used),

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..config import FROZEN_FORMAT, FROZEN_VERSION, MAX_BITS, MIN_BITS, QuEPTConfig
+from ..config import FORMAT_VERSION, FROZEN_FORMAT, FROZEN_VERSION, MAX_BITS, MIN_BITS, QuEPTConfig
 from ..nn.functional import quantize_weight_codes
 from .codec import pack
 from .export import QuantizedLinear, quantize_layers, resolve_plan, stored_plans
@@ -96,6 +96,7 @@ def frozen_config(
         frozen={"format": FROZEN_FORMAT, "version": FROZEN_VERSION, "bits": kept, "per_tensor_activations": per_tensor},
         plans={name: {**config.plans.get(name, {}), "bits": plan} for name, plan in plan_maps.items()},
         checkpoint_dir=None,
+        format_version=FORMAT_VERSION,
     )
     kept_names = {f"w{b}" for b in uniform} | set(plan_maps)
     if data.get("adapters"):  # the bit-switch metadata of the kept widths; no MB-CLoRA rank: the deltas are baked in
