@@ -393,6 +393,20 @@ def llama_cpp_or_skip():
     return llama_cpp
 
 
+def assert_engine_agrees(model, bits, path, ids: list[int], tolerance: float = 0.02) -> None:
+    """When llama.cpp is installed: its logits of ``path`` within ``tolerance`` of the logits' range of quept_hf's
+    model at ``bits`` (a width or plan). Without llama.cpp the other checks of the caller stand alone."""
+    try:
+        import llama_cpp
+    except (ImportError, OSError):
+        return
+    quept_hf.set_bits(model, bits)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    got = engine_logits(llama_cpp, path, ids)
+    assert np.abs(got - expected).max() / (expected.max() - expected.min()) < tolerance
+
+
 def engine_logits(llama_cpp, path, ids: list[int]) -> np.ndarray:
     llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=1, verbose=False, seed=0)
     llm.eval(ids)
@@ -549,16 +563,7 @@ def test_stored_mixed_plan_elastic_and_frozen_give_the_same_file(tiny_llama_dir,
     theirs = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(path).tensors}
     for t in gguf.GGUFReader(again).tensors:
         assert np.array_equal(np.asarray(t.data), theirs[t.name]), t.name
-    try:
-        import llama_cpp
-    except (ImportError, OSError):
-        return
-    ids = list(range(5, 25))
-    quept_hf.set_bits(model, "mixed-4.75")
-    with torch.no_grad():
-        expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
-    got = engine_logits(llama_cpp, path, ids)
-    assert np.abs(got - expected).max() / (expected.max() - expected.min()) < 0.02
+    assert_engine_agrees(model, "mixed-4.75", path, list(range(5, 25)))
 
 
 def test_rows_not_a_multiple_of_32_fall_back_to_f16(tmp_path):
@@ -605,16 +610,7 @@ def test_llama3_rope_writes_rope_freqs_and_runs(tmp_path):
     base = 1.0 / (500000.0 ** (np.arange(0, 16, 2, dtype=np.float32) / 16))  # llama.cpp divides these by freqs
     scaled = model.model.rotary_emb.inv_freq.numpy()  # transformers' own llama3 frequencies
     assert np.allclose(base / freqs, scaled, rtol=1e-5)
-    try:
-        import llama_cpp
-    except (ImportError, OSError):
-        return
-    ids = list(range(3, 40))
-    quept_hf.set_bits(model, 4)
-    with torch.no_grad():
-        expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
-    got = engine_logits(llama_cpp, path, ids)
-    assert np.abs(got - expected).max() / (expected.max() - expected.min()) < 0.02
+    assert_engine_agrees(model, 4, path, list(range(3, 40)))
 
 
 def test_unsupported_rope_is_refused_naming_the_model(tmp_path):
@@ -645,13 +641,4 @@ def test_qwen2_keeps_hf_row_order_and_biases(tmp_path):
         s, z = per_element(q, q.scales), per_element(q, q.zeros)
         bound = q.codes.float().numpy() * fp16_error(s) + fp16_error(-s * z) + 4 * np.spacing(np.abs(s * z) + 1)
         assert (np.abs(stored[gguf_name(module)][0] - weight.numpy()) <= bound).all(), module  # HF row order
-    try:
-        import llama_cpp
-    except (ImportError, OSError):
-        return
-    ids = list(range(3, 30))
-    quept_hf.set_bits(model, 4)
-    with torch.no_grad():
-        expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
-    got = engine_logits(llama_cpp, path, ids)
-    assert np.abs(got - expected).max() / (expected.max() - expected.min()) < 0.02
+    assert_engine_agrees(model, 4, path, list(range(3, 30)))
