@@ -49,6 +49,13 @@ bench: venv
 		$(PY) "$$script" --quick || exit 1; \
 	done
 
+# llama.cpp's command-line tools (llama-quantize, -imatrix, -perplexity, -bench) for benchmarks/gguf_ladder.py, built
+# once into benchmarks/.llama-tools/ (git-ignored) from the vendored sources of the llama-cpp-python sdist (pip
+# download, no binaries), with the CPU flags above; ~25-40 min on 2 cores. The ladder builds them itself if missing.
+LLAMA_JOBS ?= 2
+llama-tools: venv
+	$(PY) benchmarks/_llama_tools.py --jobs $(LLAMA_JOBS)
+
 # Serving engines running quept_hf's exports: vLLM's CPU engine loads the compressed-tensors exports (target="vllm")
 # and matches quept_hf's tokens and top-5 log-probs (benchmarks/vllm_check.py, ~10 min on 2 cores). vLLM 0.32 pins
 # transformers 5.19, so it lives in its own venv, made once with
