@@ -174,6 +174,9 @@ class QuEPTConfig(QuantizationConfigMixin):
             lr rewrites 8-bit weights by many grid steps: 5..8 bits fell below round-to-nearest on MiniLM),
             ``"none"`` in weight_activation mode (there activation error dominates the high bit-widths and the
             scaled rates under-train them: DINOv2 W5A5..W8A8 gained less; see docs/RESULTS.md).
+        activations_dir: a folder for the calibration activations (``num_samples x seq_len x hidden`` float
+            tensors, one per stream), memory-mapped there instead of held in RAM; ``None`` (default): in RAM.
+            For models whose activations do not fit next to one block (`quept_hf.calibration.plan` tells).
         calibrated: set by quept_hf once calibration has run (``False`` for a fresh model).
         packed: set by `quept_hf.export` only: the checkpoint holds packed integer weights frozen at one
             bit-width or plan, ``{"format": "quept-packed", "version": 1, "source": "w3", "bits": {module: b},
@@ -231,6 +234,7 @@ class QuEPTConfig(QuantizationConfigMixin):
         cascade_training: str = "owned",
         lr_scaling: str | None = None,
         checkpoint_dir: str | None = None,
+        activations_dir: str | None = None,
         dataset_description: str | None = None,
         calibrated: bool = False,
         format_version: int = FORMAT_VERSION,
@@ -283,7 +287,9 @@ class QuEPTConfig(QuantizationConfigMixin):
         self.cascade = cascade
         self.cascade_training = cascade_training
         self.lr_scaling = lr_scaling if lr_scaling is not None else DEFAULT_LR_SCALING[mode]
-        self.checkpoint_dir = os.fspath(checkpoint_dir) if isinstance(checkpoint_dir, os.PathLike) else checkpoint_dir
+        dirs = {"checkpoint_dir": checkpoint_dir, "activations_dir": activations_dir}
+        for name, path in dirs.items():
+            setattr(self, name, os.fspath(path) if isinstance(path, os.PathLike) else path)
         self.dataset_description = dataset_description
         self.calibrated = calibrated
         self.format_version = format_version
@@ -443,10 +449,10 @@ class QuEPTConfig(QuantizationConfigMixin):
     def _check_paths_and_inputs(self) -> None:
         """Paths are strings; run-time inputs are objects of the right kind, caught here and not deep in calibration."""
         self.modules_to_not_convert = self._module_names(self.modules_to_not_convert)
-        for name in ("checkpoint_dir", "dataset_description"):
+        for name in ("checkpoint_dir", "activations_dir", "dataset_description"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
-                _refuse(name, value, "expected a non-empty string (a path for checkpoint_dir) or None")
+                _refuse(name, value, "expected a non-empty string (a folder path for the *_dir fields) or None")
         if self.tokenizer is not None and not (isinstance(self.tokenizer, str) or callable(self.tokenizer)):
             _refuse("tokenizer", self.tokenizer, "expected a tokenizer (callable), a tokenizer name or None")
         for name in ("image_processor", "processor"):
