@@ -165,11 +165,6 @@ class QuEPTHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: QuEPTConfig, **kwargs):
         super().__init__(quantization_config.clone(), **kwargs)
 
-    def validate_environment(self, *args, **kwargs) -> None:
-        device_map = kwargs.get("device_map")
-        if isinstance(device_map, dict) and {"disk"} & set(device_map.values()):
-            raise ValueError("QuEPT does not support offloading layers to disk (device_map contains 'disk')")
-
     def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs):
         config = self.quantization_config
         from .calibration.rotation import resolve_transforms
@@ -235,7 +230,10 @@ class QuEPTHfQuantizer(HfQuantizer):
             for param in (layer.weight, layer.bias, *clips):
                 if param is not None:
                     param.requires_grad_(False)
+        from .calibration.offload import prepare
         from .switch import check_plans, set_bits
+
+        prepare(model)  # device_map offloading (accelerate): each offloaded block one unit, its QuEPT tensors stored
 
         check_plans(model)
         set_bits(model, config.default_bits)
