@@ -204,6 +204,8 @@ def rotate_model(model: nn.Module, seed: int = 0) -> None:
     """Apply steps 1-4 of the module docstring to a float (or freshly quantized, uncalibrated) model in place."""
     arch = find_architecture(model)
     reason = _why_not(model, arch, "rotation")
+    if reason is None and any(p.device.type == "meta" for p in model.parameters()):
+        reason = "its weights are offloaded (device_map): rotation rewrites every layer at once; use rotation=False"
     if reason:
         raise ValueError(f"QuEPT rotation is not available for this model: {reason}")
     layout, blocks = arch.layout, arch.blocks(model)
