@@ -1,6 +1,7 @@
-"""Block-wise one-shot multi-bit calibration (spec sections 2-4): data, capture, MB-ToMe, engine."""
+"""Block-wise one-shot multi-bit calibration (spec sections 2-4): data, capture, MB-ToMe, engine, memory plan."""
 
 from .engine import calibrate
 from .mbtome import merge_tokens
+from .plan import MemoryPlan, plan
 
-__all__ = ["calibrate", "merge_tokens"]
+__all__ = ["MemoryPlan", "calibrate", "merge_tokens", "plan"]
