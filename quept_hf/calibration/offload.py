@@ -51,6 +51,7 @@ __all__ = [
     "prepare",
     "replay",
     "resident_device",
+    "stored_tensor",
 ]
 
 
@@ -200,6 +201,18 @@ def _unload(unit: nn.Module, hook: AlignDevicesHook) -> None:
     for name, _ in _tensors(unit, hook):
         set_module_tensor_to_device(unit, name, "meta")
     drop_weight_caches(unit)
+
+
+def stored_tensor(model: nn.Module, key: str) -> torch.Tensor | None:
+    """The stored value of an offloaded tensor ``key`` of ``model`` (state-dict naming), read on its own; None when
+    no offloaded unit holds it."""
+    for name, unit in offloaded_units(model).items():
+        prefix = f"{name}." if name else ""
+        if key.startswith(prefix) and isinstance(getattr(unit, "_hf_hook", None), AlignDevicesHook):
+            loader, _ = _loader(unit._hf_hook)
+            if _stored(loader, key):
+                return loader[key]
+    return None
 
 
 def drop_weight_caches(module: nn.Module) -> None:
