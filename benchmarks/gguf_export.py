@@ -24,8 +24,8 @@ import torch
 
 import quept_hf
 from quept_hf.cli import parse_bits
-from quept_hf.packing import quantize_layers, resolve_plan
 from quept_hf.packing.gguf import export_gguf, gguf_summary, permute_rows
+from quept_hf.packing.plan import quantize_layers, resolve_plan
 from quept_hf.packing.working import dequantize_codes
 
 

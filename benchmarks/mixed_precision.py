@@ -23,6 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import quept_hf
+from quept_hf.inspection import quept_linears
 from quept_hf.mixed_precision import (
     SensitivityTable,
     add_plan,
@@ -31,7 +32,6 @@ from quept_hf.mixed_precision import (
     load_sensitivity,
     sensitivity,
 )
-from quept_hf.quantizer import quept_linears
 
 UNIFORM = (2, 3, 4)
 TARGETS = (2.25, 2.5, 3.25)

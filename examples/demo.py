@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Loading SmolLM2-135M as an elastic QuEPT model (bits {config.bits}) ...", flush=True)
     model, tokenizer = load_elastic(config)
     calib_texts, eval_texts = assets.wikipedia_split()
-    print(f"{len(quept_hf.quantizer.quept_linears(model))} linear layers are elastic. Round-to-nearest:", flush=True)
+    print(f"{len(quept_hf.inspection.quept_linears(model))} linear layers are elastic. Round-to-nearest:", flush=True)
     rtn = evaluate_bits(model, tokenizer, eval_texts, config.bits, args, lambda b: quept_hf.set_bits(model, b))
 
     print(f"Calibrating once for bits {config.bits} ({args.num_samples} x {args.calib_len} tokens) ...", flush=True)

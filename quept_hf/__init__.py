@@ -6,19 +6,23 @@ model both work.
 """
 
 from . import hub, mbclora
+from ._version import __version__
 from .calibration import calibrate
-from .config import QuEPTConfig
+from .compat import warn_untested_versions
+from .config import QuEPTConfig, quept_config
 from .mbclora import MBCLoRAConfig
 from .mixed_precision import plan_mixed_precision
 from .nn import QuEPTLinear
-from .packing import FrozenLinear, PackedLinear, export, freeze, pack_model, set_weight_form
+from .packing import FrozenLinear, PackedLinear, set_weight_form
+from .packing.export import export, pack_model
+from .packing.freeze import freeze
 from .quantizer import QuEPTHfQuantizer, quantize_model, register
-from .switch import get_bits, quept_config, set_bits
-
-__version__ = "0.1.0"
+from .saving import push_to_hub, save_pretrained
+from .switch import get_bits, set_bits
 
 register()
 mbclora.register()
+warn_untested_versions()
 
 __all__ = [
     "FrozenLinear",
@@ -35,8 +39,10 @@ __all__ = [
     "hub",
     "pack_model",
     "plan_mixed_precision",
+    "push_to_hub",
     "quantize_model",
     "quept_config",
+    "save_pretrained",
     "set_bits",
     "set_weight_form",
 ]

@@ -13,7 +13,10 @@ import math
 import os
 from typing import Any, NoReturn
 
+from torch import nn
 from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .compat import unwrap
 
 MODES = ("weight_only", "weight_activation")
 MIN_BITS, MAX_BITS = 2, 8
@@ -45,6 +48,11 @@ MAX_SEED = 2**32 - 1  # numpy's seed range; torch generators take it too
 FORMAT_FIELDS = (
     "mode", "bits", "bit_groups", "group_size", "rotation", "kv_bits", "quantize_attention_probs",
     "quantize_vision_tower", "modules_to_not_convert", "packed", "frozen", "format_version",
+)  # fmt: skip
+# Calibration settings: what the engine reads, what its checkpoints fingerprint and what model cards report.
+CALIBRATION_SETTINGS = (
+    "num_samples", "seq_len", "epochs", "batch_size", "lr_lora", "lr_clip", "loss",
+    "top_p", "merge_weights", "token_merge", "cascade_training", "lr_scaling", "seed", "checkpoint_dir",
 )  # fmt: skip
 # Run-time inputs: used by calibration, never serialised into config.json.
 RUNTIME_FIELDS = ("dataset", "tokenizer", "image_processor", "processor")
@@ -663,3 +671,17 @@ class QuEPTConfig(QuantizationConfigMixin):
 
     def to_json_string(self, use_diff: bool = True) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+def quept_config(model: nn.Module) -> QuEPTConfig:
+    """The `QuEPTConfig` of a QuEPT model (unwrapping a ``peft.PeftModel``); a ValueError says how to make one."""
+    base = unwrap(model)
+    config = getattr(getattr(base, "config", None), "quantization_config", None)
+    if isinstance(config, dict) and config.get("quant_method") == "quept":
+        config = QuEPTConfig.from_dict(config)
+    if not isinstance(config, QuEPTConfig):
+        raise ValueError(
+            f"{type(base).__name__} is not a QuEPT model: load it with "
+            "from_pretrained(..., quantization_config=quept_hf.QuEPTConfig(...)) after `import quept_hf`"
+        )
+    return config

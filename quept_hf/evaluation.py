@@ -25,8 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils.logging import tqdm  # honours transformers.logging.disable_progress_bar()
 
+from .config import quept_config
+from .inspection import mbclora_layers
 from .nn import FLOAT_BITS
-from .switch import get_bits, mbclora_layers, quept_config, set_bits
+from .switch import get_bits, set_bits
 
 logger = logging.getLogger(__name__)
 
@@ -339,7 +341,7 @@ def _active_setting(model: nn.Module) -> int | str | dict[str, int]:
     current = get_bits(model)
     if isinstance(current, int):
         return current
-    names = {layer.active_adapters[0] for layer in mbclora_layers(model) if layer.active_adapters}
+    names = {layer.active_adapters[0] for layer in mbclora_layers(model).values() if layer.active_adapters}
     if len(names) == 1 and next(iter(names)) in quept_config(model).plans:
         return next(iter(names))
     return current

@@ -1,7 +1,10 @@
-"""Publishing elastic QuEPT models: bit-switch metadata, model cards, ``push_to_hub`` and metadata-only reads.
+"""What a published elastic QuEPT model tells: bit-switch metadata, model cards and metadata-only reads.
 
-    model.push_to_hub("me/smollm2-quept")                       # checks, metadata, card + plot, one commit
+    quept_hf.hub.record_evaluation(model, ...)                 # measured quality: into config.json and the card
     quept_hf.hub.list_bit_widths("me/smollm2-quept")           # reads config.json only, no weights
+
+Saving and pushing (``model.push_to_hub``, ``quept_hf.push_to_hub``) live in `quept_hf.saving`, which writes the
+metadata and the card made here.
 
 Why the metadata lives in ``config.json``
 -----------------------------------------
@@ -11,14 +14,6 @@ between without downloading weights. The elastic model's own `QuEPTConfig` alrea
 bit-widths (weights, activations, KV cache), its MB-CLoRA rank and its packed size (``adapters``), the quept_hf
 version and the float model it came from. Measured quality (`record_evaluation`) is kept there too. The model
 card's YAML mirrors all of it under ``quept`` (`switch_metadata`), so the two never disagree.
-
-Why ``push_to_hub`` is ours
----------------------------
-transformers' ``push_to_hub`` saves into a temporary folder and then overwrites ``README.md`` with the card
-already on the Hub (or a generic one): the metadata of a re-push would go stale. `push_to_hub` does the same
-steps (create the repo, save, upload the folder in one commit) with our card and plot, refuses an uncalibrated
-model unless asked, names the repo in ``adapter_config.json`` (`quept_hf.serialization.pushing_to`), and
-deletes the weight files an earlier push left that this one does not replace (`REPLACED_FILES`).
 
 Forgetting ``import quept_hf``
 ------------------------------
@@ -36,36 +31,26 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
-from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import EntryNotFoundError
 from huggingface_hub.utils import is_jinja_available
 from torch import nn
 
-from .calibration.engine import SETTINGS as CALIBRATION_SETTINGS
-from .config import FORMAT_VERSION, QuEPTConfig
-from .mbclora.config import MBCLORA, MBCLoRAConfig, adapter_name_for_bits
+from ._version import __version__
+from .compat import unwrap
+from .config import CALIBRATION_SETTINGS, FORMAT_VERSION, QuEPTConfig, quept_config
+from .evaluation import per_bit, perplexity
+from .inspection import elastic_adapter, quept_linears
+from .mbclora.config import MBCLORA, MBCLoRAConfig
 from .mbclora.layer import MBCLoRALayer
-from .mbclora.model import check_slices_loaded
-from .naming import FLOAT_BITS, bits_of_adapter_name
+from .mixed_precision import SENSITIVITY_NAME, attached_sensitivity
+from .naming import FLOAT_BITS, adapter_name_for_bits, bits_of_adapter_name
 from .packing.frozen import FrozenLinear
-from .quantizer import quept_linears
-from .serialization import (
-    MANIFEST_NAME,
-    _BoundOverride,
-    _unwrap,
-    check_adapter_format,
-    check_adapter_source,
-    elastic_adapter,
-    install_elastic_save,
-    pushing_to,
-    save_elastic,
-)
-from .switch import check_plans, quept_config, switchable_layers
+from .switch import switchable_layers
 
 logger = logging.getLogger(__name__)
 
@@ -73,48 +58,10 @@ TEMPLATE_PATH = Path(__file__).parent / "model_cards" / "elastic_model_card.md"
 CARD_NAME = "README.md"
 PLOT_NAME = "quality_vs_bits.png"
 FLOAT_NAME = "float"
-# Remote files a push replaces as a whole: left over from an earlier push (other sharding, adapters since merged),
-# they would be loaded together with the new ones. Files of the new upload are overwritten, not deleted.
-REPLACED_FILES = (
-    "model*.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "adapter_config.json",
-    PLOT_NAME, "quept_sensitivity.safetensors", MANIFEST_NAME,
-)  # fmt: skip
-ALLOW_UNCALIBRATED_ENV = "QUEPT_ALLOW_UNCALIBRATED"
 CALIBRATION_FIELDS = tuple(name for name in CALIBRATION_SETTINGS if name != "checkpoint_dir")
 LOWER_IS_BETTER = ("perplexity", "ppl", "loss", "error", "wer", "cer", "nll")
 BASE_TAGS = ("quept", "quantization", "elastic-precision", "mbclora")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-# ------------------------------------------------------------------------------------------------- install
-
-
-def install(model: nn.Module) -> None:
-    """Make a transformers QuEPT model save, push and load adapters through quept_hf (idempotent).
-
-    Called by the quantizer after loading, so even a model without adapters yet (not calibrated) gets the
-    checks and the card: ``save_pretrained`` / ``push_to_hub`` as in `quept_hf.serialization`, and
-    ``load_adapter`` refusing an adapter checkpoint that lacks some bit-width's tensors (transformers only warns).
-    """
-    install_elastic_save(model)
-    if getattr(vars(model).get("load_adapter"), "__func__", None) is not _checked_load_adapter:
-        model.load_adapter = _BoundOverride(_checked_load_adapter, model)
-
-
-def _checked_load_adapter(self, *args, **kwargs):
-    """transformers' ``load_adapter``, refusing what would load a wrong model: a quept_hf folder without its
-    config.json (the base would come from elsewhere), an ``adapter_config.json`` edited after saving, and any
-    MB-CLoRA slice the checkpoint lacked."""
-    source = args[0] if args else kwargs.get("peft_model_id")
-    check_adapter_source(source)
-    info = type(self).load_adapter(self, *args, **kwargs)
-    found = elastic_adapter(self)
-    if found is not None and info is not None:
-        check_slices_loaded(getattr(info, "missing_keys", ()), found[1], found[0])
-    if found is not None:
-        check_adapter_format(source, found[1], getattr(self.config, "_commit_hash", None))
-        check_plans(self)
-    return info
 
 
 # ------------------------------------------------------------------------------------------------ metadata
@@ -127,7 +74,7 @@ def packed_size_bytes(model: nn.Module, bits: int | str | Mapping[str, int]) -> 
     group, and its bias; every other parameter stays in its own dtype. Clipping logits and MB-CLoRA slices are
     not counted: an export bakes the adapter delta into the weights.
     """
-    base = _unwrap(model)
+    base = unwrap(model)
     config = quept_config(base)
     layers = switchable_layers(base)  # elastic or frozen
     widths = _module_bits(config, layers, bits)
@@ -190,7 +137,7 @@ def _rank(adapter: MBCLoRAConfig | None, bits: int) -> int | None:
 def adapter_entries(model: nn.Module) -> dict[str, dict[str, Any]]:
     """``{adapter name: {...}}`` of every bit-width (``w2`` ...) and stored plan (``mixed-3.25``) of a model:
     weight, activation and KV-cache bits, MB-CLoRA rank (``None`` without an adapter) and packed size."""
-    base = _unwrap(model)
+    base = unwrap(model)
     config = quept_config(base)
     found = elastic_adapter(base)
     adapter = found[1] if found is not None else None
@@ -223,13 +170,11 @@ def stamp_metadata(model: nn.Module) -> QuEPTConfig:
     """Record on the model's `QuEPTConfig` what config.json should tell without weights (see the module
     docstring): ``adapters``, ``quept_version`` and, for a model quantized from a float one, ``base_model``.
     Called on every save; returns the config."""
-    base = _unwrap(model)
+    base = unwrap(model)
     return _stamp(base, quept_config(base))
 
 
 def _stamp(base: nn.Module, config: QuEPTConfig) -> QuEPTConfig:
-    from . import __version__
-
     config.quept_version = __version__
     config.format_version = FORMAT_VERSION  # what this save writes, whatever version the model was loaded from
     if config.is_packed:
@@ -413,8 +358,6 @@ def measure_perplexity(
 ) -> dict[str, Any]:
     """Perplexity (`quept_hf.evaluation.perplexity`) at each bit-width, plan and float, recorded with
     `record_evaluation`; the model's bit-width is restored afterwards. Returns the recorded entry."""
-    from .evaluation import per_bit, perplexity
-
     config = quept_config(model)
     names = list(adapters) if adapters is not None else [*(f"w{b}" for b in config.bits), *config.plans, FLOAT_NAME]
     keys = {n: FLOAT_BITS if n == FLOAT_NAME else bits_of_adapter_name(n) or n for n in names}
@@ -498,7 +441,7 @@ def model_card(
             keeping its license and tags; a hand-written one keeps its text and gets the metadata in its YAML.
         lookup_hub: may ask the Hub for the base model's card (its license); local saves don't, pushes do.
     """
-    base = _unwrap(model)
+    base = unwrap(model)
     config = _stamp(base, QuEPTConfig.from_dict(quept_config(base).to_dict()))
     metadata = switch_metadata(config)
     ours = existing is None or "quept" in existing.data.to_dict()
@@ -641,8 +584,6 @@ def _base_model_text(base_model: str | None) -> str | None:
 
 
 def _files(base: nn.Module, by_adapter: bool) -> list[str]:
-    from .mixed_precision import SENSITIVITY_NAME, attached_sensitivity
-
     files = [
         "`config.json`: the model config; its `quantization_config` holds the bit-switch metadata mirrored in this "
         "card's `quept` YAML entry (`quept_hf.hub.list_bit_widths` reads only this file).",
@@ -722,7 +663,7 @@ def write_card_files(
 
     A card already in the folder counts as ``existing``. Packed exports (no switching) are left alone, and so is
     everything when Jinja2 (which ``ModelCard.from_template`` needs) is missing: a save must not fail for a card."""
-    base = _unwrap(model)
+    base = unwrap(model)
     config = quept_config(base)
     if config.is_packed:
         return None
@@ -738,75 +679,3 @@ def write_card_files(
     card = model_card(base, repo_id or folder, tags=tags, plot=plot, existing=existing, lookup_hub=lookup_hub)
     card.save(readme)
     return card
-
-
-# ---------------------------------------------------------------------------------------------------- push
-
-
-def check_pushable(model: nn.Module, repo_id: str, allow_uncalibrated: bool | None = None) -> None:
-    """Refuse to publish an uncalibrated model (its adapters and clipping are untrained) unless asked to."""
-    config = quept_config(model)
-    if config.calibrated:
-        return
-    if allow_uncalibrated is None:
-        allow_uncalibrated = os.environ.get(ALLOW_UNCALIBRATED_ENV, "").lower() in ("1", "true", "yes")
-    if not allow_uncalibrated:
-        raise ValueError(
-            f"Refusing to push an uncalibrated QuEPT model to {repo_id!r}: its per-bit clipping and MB-CLoRA "
-            "adapters are untrained, so its low bit-widths are far worse than QuEPT's. Run "
-            "quept_hf.calibrate(model, data) first, or pass allow_uncalibrated=True (or set "
-            f"{ALLOW_UNCALIBRATED_ENV}=1) to publish it anyway."
-        )
-
-
-def push_to_hub(
-    model: nn.Module,
-    repo_id: str,
-    *,
-    commit_message: str | None = None,
-    commit_description: str | None = None,
-    private: bool | None = None,
-    token: bool | str | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
-    max_shard_size: int | str | None = "50GB",
-    tags: list[str] | None = None,
-    allow_uncalibrated: bool | None = None,
-):
-    """Upload the whole elastic model (weights, every adapter, metadata, card, plot) in one commit.
-
-    ``model.push_to_hub(...)`` of a QuEPT model comes here; a ``peft.PeftModel`` given here is pushed whole (its
-    own ``push_to_hub`` uploads the adapter only, as PEFT does). Arguments as transformers' ``push_to_hub``, plus
-    ``allow_uncalibrated`` (see `check_pushable`). Returns the ``CommitInfo``.
-    """
-    from transformers.utils.hub import hf_api
-
-    base = _unwrap(model)
-    check_pushable(base, repo_id, allow_uncalibrated)  # before the repo exists: a refused push leaves nothing
-    repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-    existing = _remote_card(repo_id, token)
-    tags = [*(getattr(base, "model_tags", None) or []), *(tags or [])]
-    with pushing_to(repo_id), tempfile.TemporaryDirectory() as folder:
-        stamp_metadata(base)
-        if elastic_adapter(base) is not None:
-            save_elastic(base, folder, max_shard_size=max_shard_size)
-        else:
-            base.save_pretrained(folder, max_shard_size=max_shard_size)
-        write_card_files(base, folder, repo_id=repo_id, existing=existing, tags=tags, lookup_hub=True)
-        return hf_api().upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            commit_message=commit_message or "Upload elastic QuEPT model",
-            commit_description=commit_description,
-            token=token,
-            revision=revision,
-            create_pr=create_pr,
-            delete_patterns=list(REPLACED_FILES),
-        )
-
-
-def _remote_card(repo_id: str, token: bool | str | None) -> ModelCard | None:
-    try:
-        return ModelCard.load(repo_id, token=token)
-    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
-        return None

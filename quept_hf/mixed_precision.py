@@ -33,10 +33,11 @@ from transformers.utils.logging import tqdm  # honours transformers.logging.disa
 
 from .calibration.capture import to_device
 from .calibration.data import text_windows
+from .compat import cached_file_or_none, unwrap
+from .config import quept_config
+from .inspection import adapter_configs, quept_linears
 from .models import architecture_for
 from .nn import FLOAT_BITS, QuEPTLinear
-from .quantizer import quept_linears
-from .switch import adapter_configs, quept_config
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +283,7 @@ def _set(layers: dict[str, QuEPTLinear], names: Iterable[str], bits: int) -> Non
 
 def _blocks(model: nn.Module) -> tuple[list[nn.Module], list[str]]:
     """The Transformer blocks and their module names (relative to the transformers model); none if unknown."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     try:
         blocks = list(architecture_for(model).blocks(base))
     except ValueError:
@@ -512,10 +513,6 @@ def add_plan(model: nn.Module, plan: Plan) -> None:
         adapter.plans[plan.name] = dict(plan.bits)
 
 
-def _base(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def plan_mixed_precision(
     model: nn.Module,
     data: Any = None,
@@ -551,20 +548,13 @@ def plan_mixed_precision(
 
 
 def attach_sensitivity(model: nn.Module, table: SensitivityTable) -> None:
-    """Keep ``table`` on the model, and make its ``save_pretrained`` write it (see `save_sensitivity`)."""
-    base = _base(model)
-    setattr(base, _TABLE_ATTR, table)
-    from transformers import PreTrainedModel
-
-    if isinstance(base, PreTrainedModel):
-        from .serialization import install_elastic_save
-
-        install_elastic_save(base)
+    """Keep ``table`` on the model; its saves write it next to the weights (`save_sensitivity`)."""
+    setattr(unwrap(model), _TABLE_ATTR, table)
 
 
 def attached_sensitivity(model: nn.Module) -> SensitivityTable | None:
     """The sensitivity table the model carries (measured or loaded), or None."""
-    return getattr(_base(model), _TABLE_ATTR, None)
+    return getattr(unwrap(model), _TABLE_ATTR, None)
 
 
 def save_sensitivity(model: nn.Module, save_directory: str | os.PathLike) -> bool:
@@ -584,7 +574,7 @@ def load_sensitivity(source: nn.Module | str | os.PathLike) -> SensitivityTable:
         table = attached_sensitivity(source)
         if table is not None:
             return table
-        folder = getattr(getattr(_base(source), "config", None), "name_or_path", None)
+        folder = getattr(getattr(unwrap(source), "config", None), "name_or_path", None)
     else:
         folder = os.fspath(source)
     path = _resolve(folder) if folder else None
@@ -606,10 +596,8 @@ def _resolve(folder: str) -> str | None:
         return local
     if os.path.isdir(folder):
         return None
-    from transformers.utils import cached_file
-
     try:
-        return cached_file(folder, SENSITIVITY_NAME, _raise_exceptions_for_missing_entries=False)
+        return cached_file_or_none(folder, SENSITIVITY_NAME)
     except (OSError, ValueError):
         return None
 

@@ -9,14 +9,25 @@ import logging
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.quantizers import register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.base import HfQuantizer
 
+from . import saving
+from .calibration import calibrate
+from .calibration.rotation import install_online_transforms, resolve_transforms, rotate_model
+from .compat import allow_missing_on_load, loaded_from_checkpoint
 from .config import QuEPTConfig
-from .models import module_roles
+from .inspection import quept_linears
+from .mixed_precision import attach_saved_sensitivity
+from .models import architecture_for, module_roles
 from .nn import QuEPTLinear, pin_modules
 from .nn.attention import ATTENTION_IMPLEMENTATION, register_attention
+from .packing.frozen import FrozenLinear
+from .packing.linear import PackedLinear
+from .serialization import check_loaded_checkpoint, format_record, state_dict_to_save
+from .switch import check_plans, install_switch, set_bits
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +82,6 @@ def _packed_like(
     module: nn.Linear, bits: int, group_size: int, activation_bits: int | None = None, per_tensor: bool = False
 ) -> nn.Module:
     """An empty `PackedLinear` of ``module``'s shape, on its device and dtype (meta before weight loading)."""
-    from .packing.linear import PackedLinear
-
     return PackedLinear(
         module.in_features,
         module.out_features,
@@ -91,8 +100,6 @@ def replace_frozen_linears(model: nn.Module, config: QuEPTConfig) -> list[str]:
 
     As for packed checkpoints, the new modules live on the old weight's device (meta while transformers builds the
     skeleton), so no float weight of a frozen linear is ever materialised."""
-    from .packing.frozen import FrozenLinear
-
     per_tensor = set(config.frozen.get("per_tensor_activations") or [])
     for name, kept in config.frozen["bits"].items():
         module = _linear_named(model, name, "frozen")
@@ -134,28 +141,6 @@ def _linear_named(model: nn.Module, name: str, kind: str) -> nn.Linear:
     return module
 
 
-def frozen_linears(model: nn.Module) -> dict[str, nn.Module]:
-    """Every `FrozenLinear` of a model, by module name."""
-    from .packing.frozen import FrozenLinear
-
-    return {name: module for name, module in model.named_modules() if isinstance(module, FrozenLinear)}
-
-
-def quept_linears(model: nn.Module) -> dict[str, QuEPTLinear]:
-    """Every `QuEPTLinear` of a model (through PEFT wrappers too), by module name without PEFT prefixes."""
-    found = {}
-    for name, module in model.named_modules():
-        if isinstance(module, QuEPTLinear):
-            found[_strip_peft_prefix(name)] = module
-    return found
-
-
-def _strip_peft_prefix(name: str) -> str:
-    for prefix in ("base_model.model.",):
-        name = name.removeprefix(prefix)
-    return name.replace(".base_layer", "")
-
-
 class QuEPTHfQuantizer(HfQuantizer):
     """Quantizer of method ``"quept"``: elastic multi-bit fake quantization with learnable clipping."""
 
@@ -167,8 +152,6 @@ class QuEPTHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs):
         config = self.quantization_config
-        from .calibration.rotation import resolve_transforms
-
         resolve_transforms(model, config, fresh=not self.pre_quantized)  # rotation/smoothing: None -> bool
         model.config.quantization_config = config  # the model's own clone, not the object the user passed
         if config.is_frozen:
@@ -184,8 +167,6 @@ class QuEPTHfQuantizer(HfQuantizer):
             logger.info("QuEPT: %d packed linear layers (%s)", len(swapped), config.packed.get("source"))
             return
         if not self.pre_quantized and config.dataset is not None:
-            from .models import architecture_for
-
             architecture_for(model)  # calibration follows loading: refuse an unsupported model before loading it
         skip = self.get_modules_to_not_convert(
             model, config.modules_to_not_convert, keep_in_fp32_modules, add_default_skips=True
@@ -201,7 +182,7 @@ class QuEPTHfQuantizer(HfQuantizer):
         logger.info("QuEPT: %d linear layers made elastic (%s)", len(swapped), config.bits)
         if not self.pre_quantized:
             # Clipping logits of a float checkpoint are initialised after loading, not "missing".
-            model._keys_to_ignore_on_load_missing = [*(model._keys_to_ignore_on_load_missing or []), CLIP_PATTERN]
+            allow_missing_on_load(model, CLIP_PATTERN)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         config = self.quantization_config
@@ -218,8 +199,6 @@ class QuEPTHfQuantizer(HfQuantizer):
         if self.pre_quantized:
             _check_loaded(layers)
             _check_saved_files(model, config)
-            from .mixed_precision import attach_saved_sensitivity
-
             attach_saved_sensitivity(model)
         for layer in layers.values():
             if not self.pre_quantized:
@@ -231,10 +210,8 @@ class QuEPTHfQuantizer(HfQuantizer):
                 if param is not None:
                     param.requires_grad_(False)
         from .calibration.offload import prepare
-        from .switch import check_plans, set_bits
 
         prepare(model)  # device_map offloading (accelerate): each offloaded block one unit, its QuEPT tensors stored
-
         check_plans(model)
         set_bits(model, config.default_bits)
         _install_hub_hooks(model)
@@ -243,17 +220,15 @@ class QuEPTHfQuantizer(HfQuantizer):
             model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
         _install_transforms(model, config, rotate=not self.pre_quantized)
         if not self.pre_quantized and config.dataset is not None:
-            from .calibration import calibrate
-
             calibrate(model, config.dataset, tokenizer=config.tokenizer)
         return model
 
     def get_state_dict_and_metadata(self, model):
         """transformers' saving hook: the model's own tensors, and in the safetensors metadata the digests of the
-        config fields they depend on, which loading checks config.json against (every checkpoint kind)."""
-        from .serialization import format_record
-
-        return None, format_record(model)
+        config fields they depend on, which loading checks config.json against (every checkpoint kind). During an
+        elastic save the tensors are the base model's, without the adapter's (`serialization.saving_state_dict`);
+        otherwise None: the model's own."""
+        return state_dict_to_save(), format_record(model)
 
     def is_serializable(self, safe_serialization=None) -> bool:
         return True
@@ -271,20 +246,15 @@ def _install_hub_hooks(model: nn.Module) -> None:
     """From loading on, ``save_pretrained`` / ``push_to_hub`` / ``load_adapter`` of an elastic transformers model go
     through quept_hf (metadata, model card, uncalibrated-push refusal, complete-adapter check), adapters or not.
     Before ``load_adapter`` runs, so the elastic save records the model's own weight conversions."""
-    from transformers import PreTrainedModel
-
     if isinstance(model, PreTrainedModel):
-        from .hub import install
-
-        install(model)
+        saving.install(model)
+        install_switch(model)
 
 
 def _install_transforms(model: nn.Module, config: QuEPTConfig, rotate: bool) -> None:
     """Rotate a fresh float model (``config.rotation``) and (re)install the online transforms it computes.
 
     A saved model holds rotated weights already (``rotate=False``): only the online parts come back."""
-    from .calibration.rotation import install_online_transforms, rotate_model
-
     if rotate and config.rotation:
         rotate_model(model, seed=config.seed)
     install_online_transforms(model, config)
@@ -297,7 +267,7 @@ def _check_loaded(layers: dict[str, QuEPTLinear]) -> None:
         for name, layer in layers.items()
         for kind in ("clip_upper", "clip_lower", "clip_act")
         for bits, param in getattr(layer, kind).items()
-        if not getattr(param, "_is_hf_initialized", False)
+        if not loaded_from_checkpoint(param)
     ]
     if missing:
         shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
@@ -306,8 +276,6 @@ def _check_loaded(layers: dict[str, QuEPTLinear]) -> None:
 
 def _check_packed_loaded(model: nn.Module) -> None:
     """Every tensor of every `PackedLinear` must come from the checkpoint (else its values are garbage)."""
-    from .packing.linear import PackedLinear
-
     _check_all_loaded(model, PackedLinear, "packed")
 
 
@@ -318,7 +286,7 @@ def _check_all_loaded(model: nn.Module, layer_type: type, kind: str) -> None:
         for name, module in model.named_modules()
         if isinstance(module, layer_type)
         for pname, param in module.named_parameters()
-        if not getattr(param, "_is_hf_initialized", False)
+        if not loaded_from_checkpoint(param)
     ]
     if missing:
         shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
@@ -328,10 +296,6 @@ def _check_all_loaded(model: nn.Module, layer_type: type, kind: str) -> None:
 def _finish_frozen(model: nn.Module, config: QuEPTConfig) -> nn.Module:
     """After loading a frozen checkpoint: check every code tensor arrived, restore online transforms, switch to the
     default width (deriving its working form from the codes) and give the model its ``set_adapter`` front door."""
-    from .packing.frozen import FrozenLinear
-    from .packing.linear import PackedLinear
-    from .switch import check_plans, install_frozen_switch, set_bits
-
     _check_all_loaded(model, (FrozenLinear, PackedLinear), "frozen")
     _check_saved_files(model, config)
     if config.quantize_attention_probs:
@@ -340,7 +304,7 @@ def _finish_frozen(model: nn.Module, config: QuEPTConfig) -> nn.Module:
     _install_transforms(model, config, rotate=False)
     check_plans(model)
     set_bits(model, config.default_bits)
-    install_frozen_switch(model)
+    install_switch(model)
     return model
 
 
@@ -363,14 +327,14 @@ def register() -> None:
 def quantize_model(model: nn.Module, config: QuEPTConfig) -> nn.Module:
     """Make an already loaded float model elastic in place (e.g. a GGUF-loaded model, which transformers
     refuses to combine with a ``quantization_config`` in ``from_pretrained``)."""
-    _drop_previous_quantization(model)
     quantizer = QuEPTHfQuantizer(config, pre_quantized=False)
+    _drop_previous_quantization(model, quantizer)
     quantizer.preprocess_model(model)
     model.hf_quantizer = quantizer
     return quantizer.postprocess_model(model)
 
 
-def _drop_previous_quantization(model: nn.Module) -> None:
+def _drop_previous_quantization(model: nn.Module, quantizer: HfQuantizer) -> None:
     """A GGUF-loaded model carries ``quantization_config`` (gguf) though its weights are float already."""
     config = getattr(model, "config", None)
     previous = getattr(config, "quantization_config", None)
@@ -380,18 +344,16 @@ def _drop_previous_quantization(model: nn.Module) -> None:
     method = getattr(method, "value", method)
     if method != "gguf":
         raise ValueError(f"The model is already quantized with {method!r}; QuEPT needs a float model")
-    if any(type(m).__name__.startswith("Gguf") for m in model.modules()):
-        raise ValueError("The model keeps GGUF-packed weights; load it with dequantize=True before QuEPT")
-    del config.quantization_config
-    for attr in ("hf_quantizer", "quantization_method"):
-        if hasattr(model, attr):
-            delattr(model, attr)
-    model.is_quantized = False
+    packed = [name for name, param in model.named_parameters() if not param.is_floating_point()]
+    if packed:
+        raise ValueError(
+            f"The model keeps GGUF-packed (integer) weights, e.g. {packed[0]}; load it with dequantize=True "
+            "before QuEPT"
+        )
+    quantizer.remove_quantization_config(model)
 
 
 def _check_saved_files(model: nn.Module, config: QuEPTConfig) -> None:
     """An elastic or frozen checkpoint's config.json must still describe its weights, and the adapter it lists must
     be there (`quept_hf.serialization.check_loaded_checkpoint`)."""
-    from .serialization import check_loaded_checkpoint
-
     check_loaded_checkpoint(model, config)

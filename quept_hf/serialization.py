@@ -27,9 +27,10 @@ killed save leaves the old folder and no stale shard survives; each tensor file'
 (``quept_format``), both checked on load (`check_loaded_checkpoint`, `check_adapter_format`), as are a missing
 adapter and a folder that lost its ``config.json`` (`check_adapter_source`).
 
-`save_elastic` writes that folder; `install_elastic_save` makes a transformers model's own ``save_pretrained``
-and ``push_to_hub`` use it while adapters are attached. ``peft.PeftModel.save_pretrained`` is untouched (it
-writes the adapter only, as PEFT always does).
+This module holds the format: the state dicts, the adapter files, staging, the manifest, the format records and
+the load checks. `quept_hf.saving` drives a save (``quept_hf.save_pretrained``, the model's own
+``save_pretrained``). ``peft.PeftModel.save_pretrained`` is untouched (it writes the adapter only, as PEFT always
+does).
 """
 
 from __future__ import annotations
@@ -38,13 +39,12 @@ import contextlib
 import contextvars
 import copy
 import fnmatch
-import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -55,19 +55,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .atomic import atomic_write_text, file_sha256, staged_folder
+from .compat import unwrap
 from .config import QuEPTConfig
 from .mbclora.config import MBCLoRAConfig
-from .mbclora.layer import MBCLoRALayer
+from .mixed_precision import SENSITIVITY_NAME
 
 PEFT_KEY_PREFIX = "base_model.model."
-# Hub arguments of ``save_pretrained(push_to_hub=True, ...)`` that go to ``push_to_hub`` instead.
-_HUB_ARGS = (
-    "commit_message", "commit_description", "private", "token", "revision", "create_pr", "tags", "allow_uncalibrated",
-)  # fmt: skip
-
-# transformers' ``save_pretrained`` parameters after ``save_directory``, in order (for positional calls).
-_SAVE_PRETRAINED_POSITIONAL = ("is_main_process", "state_dict", "push_to_hub", "max_shard_size", "variant", "token")
-
 # The sha256 of every tensor file of a save (safetensors has no checksum): a flipped byte loaded silently before.
 MANIFEST_NAME = "quept_manifest.json"
 DIGESTS_ENV = "QUEPT_FILE_DIGESTS"  # "0": neither write nor check them (huge models: one more read per file)
@@ -82,65 +75,27 @@ FORMAT_KEY = "quept_format"  # safetensors metadata: {field: digest} of the conf
 BASE_KEY, BASE_IN_FOLDER = "quept_base", "same-folder"  # adapter metadata: the base weights sit next to it
 ADAPTER_FORMAT_FIELDS = ("bit_groups", "ranks", "default_bits", "cascade", "target_modules")
 
-_MISSING = object()
-# Instance attribute holding the base model's own ``_weight_conversions`` (see `_saving_as_plain_model`).
-_BASE_CONVERSIONS = "_quept_base_weight_conversions"
-
-# The Hub repo id that `push_to_hub` is uploading to, so the adapter config can name it.
-_PUSHING_TO: contextvars.ContextVar[str | None] = contextvars.ContextVar("quept_pushing_to", default=None)
+# The adapter-free state dict of the save in progress (`saving_state_dict`), which the quantizer's hook answers.
+_SAVING: contextvars.ContextVar[dict[str, torch.Tensor] | None] = contextvars.ContextVar("quept_saving", default=None)
 
 
-# ----------------------------------------------------------------------------------------- inspection
+@contextlib.contextmanager
+def saving_state_dict(state_dict: dict[str, torch.Tensor]) -> Iterator[None]:
+    """While inside, `state_dict_to_save` answers ``state_dict``.
+
+    transformers' ``save_pretrained`` takes its tensors from the quantizer's ``get_state_dict_and_metadata`` hook
+    whenever the model has a quantizer, whatever ``state_dict`` argument it was given; so an elastic save (whose
+    tensors are the base model's, without the adapter's) tells the hook here."""
+    token = _SAVING.set(state_dict)
+    try:
+        yield
+    finally:
+        _SAVING.reset(token)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    from peft import PeftModel
-
-    return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
-def _adapter_layers(model: nn.Module) -> dict[str, MBCLoRALayer]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, MBCLoRALayer)}
-
-
-def elastic_adapter(model: nn.Module) -> tuple[str, MBCLoRAConfig] | None:
-    """``(name, config)`` of the model's elastic MB-CLoRA adapter, or ``None`` when it carries none."""
-    model = _unwrap(model)
-    if not _adapter_layers(model):
-        return None
-    configs = getattr(model, "peft_config", None) or {}
-    roots = [(name, config) for name, config in dict.items(configs) if isinstance(config, MBCLoRAConfig)]
-    if len(roots) != 1:
-        raise ValueError(f"expected one elastic MB-CLoRA adapter on the model, found {[n for n, _ in roots]}")
-    return roots[0]
-
-
-def base_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The model's state dict as if no adapter were attached: ``q_proj.base_layer.weight`` -> ``q_proj.weight``,
-    ``mbclora_`` tensors dropped. ``state_dict`` defaults to ``model.state_dict()`` (same naming)."""
-    model = _unwrap(model)
-    state_dict = model.state_dict() if state_dict is None else state_dict
-    wrapped = set(_adapter_layers(model))
-    out = {}
-    for key, value in state_dict.items():
-        owner, rest = _split_at_owner(key, wrapped)
-        if owner is None:
-            out[key] = value
-        elif rest.startswith("base_layer."):
-            out[f"{owner}.{rest.removeprefix('base_layer.')}"] = value
-        elif not rest.startswith(MBCLoRALayer.adapter_layer_names):
-            out[key] = value
-    return out
-
-
-def _split_at_owner(key: str, owners: set[str]) -> tuple[str | None, str]:
-    """``("a.q_proj", "base_layer.weight")`` for key ``a.q_proj.base_layer.weight`` when ``a.q_proj`` is an owner."""
-    parts = key.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        prefix = ".".join(parts[:cut])
-        if prefix in owners:
-            return prefix, ".".join(parts[cut:])
-    return None, key
+def state_dict_to_save() -> dict[str, torch.Tensor] | None:
+    """The state dict of the save in progress (`saving_state_dict`), or None: the model's own."""
+    return _SAVING.get()
 
 
 def adapter_state_dict(
@@ -149,7 +104,7 @@ def adapter_state_dict(
     """The adapter tensors with ``base_model.model.`` keys, exactly as ``PeftModel.save_pretrained`` writes them."""
     from peft import get_peft_model_state_dict
 
-    model = _unwrap(model)
+    model = unwrap(model)
     tensors = get_peft_model_state_dict(model, state_dict, adapter_name=adapter_name, save_embedding_layers=False)
     return {PEFT_KEY_PREFIX + key: value.contiguous() for key, value in tensors.items()}
 
@@ -157,117 +112,7 @@ def adapter_state_dict(
 # -------------------------------------------------------------------------------------------- saving
 
 
-def save_elastic(
-    model: nn.Module,
-    save_directory: str | os.PathLike,
-    *,
-    is_main_process: bool = True,
-    state_dict: dict[str, torch.Tensor] | None = None,
-    push_to_hub: bool = False,
-    base_model_name_or_path: str | None = None,
-    **kwargs,
-) -> None:
-    """Save a QuEPT model and its elastic MB-CLoRA adapter as one folder (see the module docstring).
-
-    Args:
-        model: a transformers model carrying MB-CLoRA adapters, or a ``peft.PeftModel`` wrapping one.
-        save_directory: folder to write; created if needed.
-        is_main_process, state_dict: as in transformers' ``save_pretrained`` (``state_dict`` in the model's own
-            naming, adapter tensors included).
-        push_to_hub: also upload the folder's content (``repo_id`` etc. in ``kwargs``, as transformers takes them).
-        base_model_name_or_path: written to ``adapter_config.json``; default: the Hub repo id when pushing, else
-            ``save_directory``.
-        kwargs: passed on to transformers' ``save_pretrained`` (``max_shard_size``, ``variant``, ...).
-    """
-    base = _unwrap(model)
-    found = elastic_adapter(base)
-    if found is None:
-        raise ValueError(f"{type(base).__name__} carries no MB-CLoRA adapter: use its save_pretrained")
-    adapter_name, config = found
-    save_directory = os.fspath(save_directory)
-    hub_args = {name: kwargs.pop(name) for name in _HUB_ARGS if name in kwargs}
-    repo_id = kwargs.pop("repo_id", None)
-    full = dict(base.state_dict() if state_dict is None else state_dict)
-
-    to_save = base_state_dict(base, full)
-    _stamp_metadata(base)
-    with staged_save(save_directory, is_main_process) as folder:
-        with _saving_as_plain_model(base, to_save):
-            type(base).save_pretrained(base, folder, is_main_process=is_main_process, state_dict=to_save, **kwargs)
-        if is_main_process:
-            target = base_model_name_or_path or _PUSHING_TO.get() or save_directory
-            _write_adapter(base, adapter_name, config, folder, adapter_state_dict(base, adapter_name, full), target)
-            _write_sensitivity(base, folder)
-            _write_card(base, folder, save_directory)
-    if push_to_hub:
-        repo_id = repo_id or os.path.basename(os.path.normpath(save_directory))
-        _elastic_push_to_hub(base, repo_id, max_shard_size=kwargs.get("max_shard_size", "50GB"), **hub_args)
-
-
-@contextlib.contextmanager
-def _saving_as_plain_model(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Make transformers' ``save_pretrained`` write ``state_dict`` (the base model), not the adapter only.
-
-    Three things steer it to the adapter-only path or away from a ``state_dict`` argument:
-
-    * the ``_hf_peft_config_loaded`` flag: switched off;
-    * the quantizer's ``get_state_dict_and_metadata`` hook, whose result replaces any ``state_dict`` argument (the
-      base hook returns ``None``: "use model.state_dict()"): it answers ``state_dict`` (or its own state dict,
-      renamed the same way, if it has one);
-    * ``model._weight_conversions``, reverted on save to get the checkpoint's original key names: ``load_adapter``
-      overwrites it with the ADAPTER's renamings (``base_model.model.`` prefix...), so the base model's own
-      conversions, recorded by `install_elastic_save` before any adapter was loaded, are put back meanwhile.
-    """
-    peft_flag = getattr(model, "_hf_peft_config_loaded", False)
-    conversions = vars(model).get("_weight_conversions", _MISSING)
-    if _BASE_CONVERSIONS in vars(model):  # None: transformers then uses the class's default conversions
-        model._weight_conversions = vars(model)[_BASE_CONVERSIONS]
-    model._hf_peft_config_loaded = False
-    try:
-        with _quantizer_state_dict(model, state_dict):
-            yield
-    finally:
-        model._hf_peft_config_loaded = peft_flag
-        _set_or_delete(model, "_weight_conversions", conversions)
-
-
-@contextlib.contextmanager
-def _quantizer_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
-    """While saving, the quantizer's ``get_state_dict_and_metadata`` (the public hook transformers asks for the
-    tensors and the safetensors metadata) answers ``state_dict`` when given (or its own state dict, renamed as
-    `base_state_dict` does) and adds the format digests (`FORMAT_KEY`) that loading checks config.json against."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is None:
-        yield
-        return
-    shadowed = "get_state_dict_and_metadata" in vars(quantizer)
-    previous = vars(quantizer).get("get_state_dict_and_metadata")
-    original = quantizer.get_state_dict_and_metadata
-
-    def with_format(target: nn.Module):
-        own, metadata = original(target)
-        if state_dict is not None:
-            own = state_dict if own is None else base_state_dict(target, own)
-        return own, {**(metadata or {}), **_format_metadata(_quept_fields(target))}
-
-    quantizer.get_state_dict_and_metadata = with_format
-    try:
-        yield
-    finally:
-        if shadowed:
-            quantizer.get_state_dict_and_metadata = previous
-        else:
-            del quantizer.get_state_dict_and_metadata
-
-
-def _set_or_delete(model: nn.Module, name: str, value: object) -> None:
-    if value is _MISSING:
-        vars(model).pop(name, None)
-    else:
-        setattr(model, name, value)
-
-
-def _write_adapter(
+def write_adapter(
     model: nn.Module,
     adapter_name: str,
     config: MBCLoRAConfig,
@@ -294,29 +139,6 @@ def _write_adapter(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_sensitivity(model: nn.Module, save_directory: str | os.PathLike) -> None:
-    """The mixed-precision sensitivity table the model carries, if any, next to its weights (so new plans need
-    no new measurement after ``from_pretrained``)."""
-    from .mixed_precision import save_sensitivity
-
-    save_sensitivity(model, save_directory)
-
-
-def _stamp_metadata(model: nn.Module) -> None:
-    """Bit-switch metadata into the QuEPTConfig before config.json is written (`quept_hf.hub.stamp_metadata`)."""
-    from .hub import stamp_metadata
-
-    stamp_metadata(model)
-
-
-def _write_card(model: nn.Module, folder: str | os.PathLike, save_directory: str | os.PathLike) -> None:
-    """README.md (+ quality plot) next to the weights in ``folder`` (`quept_hf.hub.write_card_files`), naming the
-    folder the save ends up in."""
-    from .hub import write_card_files
-
-    write_card_files(model, folder, repo_id=os.fspath(save_directory))
-
-
 @contextlib.contextmanager
 def staged_save(save_directory: str | os.PathLike, is_main_process: bool = True) -> Iterator[str]:
     """The folder a save writes into: a staging sibling of ``save_directory`` swapped in when the save is complete.
@@ -336,95 +158,6 @@ def staged_save(save_directory: str | os.PathLike, is_main_process: bool = True)
 
 def _carried(name: str) -> bool:
     return not any(fnmatch.fnmatch(name, pattern) for pattern in MODEL_FILES)
-
-
-@contextlib.contextmanager
-def pushing_to(repo_id: str) -> Iterator[None]:
-    """While uploading to ``repo_id``, saves name it in ``adapter_config.json`` (see `save_elastic`)."""
-    token = _PUSHING_TO.set(repo_id)
-    try:
-        yield
-    finally:
-        _PUSHING_TO.reset(token)
-
-
-# ------------------------------------------------------------------------- the transformers overrides
-
-
-def _elastic_save_pretrained(self, save_directory, *args, **kwargs):
-    """``save_pretrained`` of a QuEPT model: with MB-CLoRA adapters attached, the whole elastic model.
-
-    transformers' own ``save_pretrained`` writes only the adapter of a model with adapters attached, which for a
-    QuEPT model would lose the base weights and per-bit clipping. While MB-CLoRA adapters are attached this
-    writes the base model AND the adapter into one folder (`quept_hf.serialization.save_elastic`), which
-    ``from_pretrained(folder)`` restores with every bit-width; without adapters (none attached, or after
-    ``merge_and_unload``) it is transformers' ``save_pretrained`` (`_plain_save_pretrained`). Both add the
-    bit-switch metadata and the model card (`quept_hf.hub`). Installed per instance by `install_elastic_save`
-    when MB-CLoRA is injected into a transformers model, and by the quantizer after loading (`quept_hf.hub.install`).
-    """
-    kwargs.update(zip(_SAVE_PRETRAINED_POSITIONAL, args, strict=False))
-    if elastic_adapter(self) is None:
-        return _plain_save_pretrained(self, save_directory, **kwargs)
-    return save_elastic(self, save_directory, **kwargs)
-
-
-def _plain_save_pretrained(model: nn.Module, save_directory, push_to_hub: bool = False, **kwargs):
-    """transformers' ``save_pretrained`` plus metadata, sensitivity table and card; a push goes through
-    `quept_hf.hub.push_to_hub` (transformers' would skip its checks and overwrite the card)."""
-    hub_args = {name: kwargs.pop(name) for name in (*_HUB_ARGS, "repo_id") if name in kwargs}
-    _stamp_metadata(model)
-    is_main_process = kwargs.get("is_main_process", True)
-    with staged_save(save_directory, is_main_process) as folder, _quantizer_state_dict(model):
-        result = type(model).save_pretrained(model, folder, **kwargs)
-        if is_main_process:
-            _write_sensitivity(model, folder)
-            _write_card(model, folder, save_directory)
-    if push_to_hub:
-        repo_id = hub_args.pop("repo_id", None) or os.path.basename(os.path.normpath(os.fspath(save_directory)))
-        _elastic_push_to_hub(model, repo_id, max_shard_size=kwargs.get("max_shard_size", "50GB"), **hub_args)
-    return result
-
-
-def _elastic_push_to_hub(self, repo_id: str, **kwargs):
-    """``push_to_hub`` of a QuEPT model: `quept_hf.hub.push_to_hub`.
-
-    It saves the folder `save_elastic` writes (when adapters are attached) into a temporary folder under
-    `pushing_to`, so ``adapter_config.json`` names the repo as ``base_model_name_or_path`` (which
-    ``from_pretrained(repo_id)`` then loads the base model from), adds the model card and quality plot, and
-    refuses an uncalibrated model unless ``allow_uncalibrated=True``.
-    """
-    from .hub import push_to_hub
-
-    return push_to_hub(self, repo_id, **kwargs)
-
-
-class _BoundOverride:
-    """``function`` bound to ``model``, like a method, but picklable (``torch.save(model)``) and deep-copyable
-    with its model (a ``types.MethodType`` instance attribute would pickle as ``getattr(model, function name)``)."""
-
-    def __init__(self, function: Callable, model: nn.Module):
-        functools.update_wrapper(self, function)
-        self.__func__, self.__self__ = function, model
-
-    def __call__(self, *args, **kwargs):
-        return self.__func__(self.__self__, *args, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"<quept_hf override {self.__func__.__name__} of {type(self.__self__).__name__}>"
-
-
-def install_elastic_save(model: nn.Module) -> None:
-    """Route a transformers model's ``save_pretrained`` / ``push_to_hub`` through `save_elastic` while it
-    carries MB-CLoRA adapters (instance attributes; idempotent; a ``deepcopy`` keeps them bound to the copy).
-
-    Call it when the adapters are injected, before their weights are loaded: it also records the model's own
-    weight conversions, which transformers' ``load_adapter`` replaces by the adapter's."""
-    if _BASE_CONVERSIONS not in vars(model):
-        setattr(model, _BASE_CONVERSIONS, vars(model).get("_weight_conversions"))
-    for name, function in (("save_pretrained", _elastic_save_pretrained), ("push_to_hub", _elastic_push_to_hub)):
-        current = vars(model).get(name)
-        if getattr(current, "__func__", None) is not function:
-            setattr(model, name, _BoundOverride(function, model))
 
 
 # ------------------------------------------------------------------------- format records and load checks
@@ -530,8 +263,6 @@ def check_loaded_checkpoint(model: nn.Module, config: QuEPTConfig) -> None:
     first = _locate(source, names[0], revision) if names else None
     if not first:
         return
-    from .mixed_precision import SENSITIVITY_NAME
-
     verify_files(source, [*names, SENSITIVITY_NAME], revision)
     check_format(_metadata(first), config.format_fields(), f"{source!r}: config.json's quantization_config", first)
     ranked = sorted(n for n, e in (config.adapters or {}).items() if isinstance(e, dict) and e.get("rank") is not None)

@@ -13,31 +13,12 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from .config import QuEPTConfig
-from .mbclora.config import MBCLoRAConfig, adapter_name_for_bits
+from .compat import has_peft_adapters, override_method
+from .config import QuEPTConfig, quept_config
+from .inspection import adapter_configs, frozen_linears, mbclora_layers, quept_linears
 from .mbclora.layer import MBCLoRALayer
-from .nn import FLOAT_BITS
-from .quantizer import frozen_linears, quept_linears
-from .serialization import _BoundOverride
-
-
-def quept_config(model: nn.Module) -> QuEPTConfig:
-    """The `QuEPTConfig` of a QuEPT model (unwrapping a ``peft.PeftModel``)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(getattr(base, "config", None), "quantization_config", None)
-    if isinstance(config, dict) and config.get("quant_method") == "quept":
-        config = QuEPTConfig.from_dict(config)
-    if not isinstance(config, QuEPTConfig):
-        raise ValueError(
-            f"{type(base).__name__} is not a QuEPT model: load it with "
-            "from_pretrained(..., quantization_config=quept_hf.QuEPTConfig(...)) after `import quept_hf`"
-        )
-    return config
-
-
-def mbclora_layers(model: nn.Module) -> list[MBCLoRALayer]:
-    """Every MB-CLoRA adapter layer of a model (empty when no adapters are attached or they were merged)."""
-    return [module for module in model.modules() if isinstance(module, MBCLoRALayer)]
+from .mbclora.model import INJECTION_HOOKS, ElasticAdapters
+from .naming import FLOAT_BITS, adapter_name_for_bits
 
 
 def set_bits(model: nn.Module, bits: int | str | Mapping[str, int]) -> None:
@@ -69,7 +50,7 @@ def set_bits(model: nn.Module, bits: int | str | Mapping[str, int]) -> None:
         layers = frozen_linears(model)
         _switch_layers(layers, dict.fromkeys(layers, bits), config)
         return
-    adapters = mbclora_layers(model)
+    adapters = list(mbclora_layers(model).values())
     if not adapters or bits == FLOAT_BITS:
         # Float reference: MBCLoRALayer.forward skips the delta whenever its base layer runs in float.
         for layer in quept_linears(model).values():
@@ -80,7 +61,7 @@ def set_bits(model: nn.Module, bits: int | str | Mapping[str, int]) -> None:
 
 def _activate(model: nn.Module, adapters: list[MBCLoRALayer], name: str) -> None:
     """``set_adapter(name)`` through the model's own front door (see `set_bits`)."""
-    if _is_peft_model(model) or getattr(model, "_hf_peft_config_loaded", False):
+    if _is_peft_model(model) or has_peft_adapters(model):
         model.set_adapter(name)
     else:
         for layer in adapters:
@@ -98,7 +79,7 @@ def _set_plan(model: nn.Module, name: str) -> None:
         raise ValueError(f"no bit-width or plan named {name!r}; this model provides {available}")
     plan = {module: int(b) for module, b in config.plans[name]["bits"].items()}
     check_plans(model)
-    adapters = mbclora_layers(model)
+    adapters = list(mbclora_layers(model).values())
     if not adapters:
         set_layer_bits(model, plan)
         return
@@ -128,20 +109,6 @@ def check_plans(model: nn.Module) -> None:
             raise ValueError(
                 f"mixed plan {name!r} sets {dict(list(bad.items())[:3])}; {module} offers {layers[module].bits}"
             )
-
-
-def adapter_configs(model: nn.Module) -> list[MBCLoRAConfig]:
-    """Every distinct MBCLoRAConfig object switching reads: the PEFT config dicts' (which ``set_adapter`` checks
-    names against) and the adapter layers' (which resolve a plan to bit-widths)."""
-    found: dict[int, MBCLoRAConfig] = {}
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for owner in (model, getattr(model, "base_model", None), base):
-        for config in dict.values(getattr(owner, "peft_config", None) or {}):
-            if isinstance(config, MBCLoRAConfig):
-                found[id(config)] = config
-    for layer in mbclora_layers(model):
-        found.update({id(c): c for c in layer.elastic.values()})
-    return list(found.values())
 
 
 def set_layer_bits(model: nn.Module, bits: Mapping[str, int]) -> None:
@@ -202,11 +169,25 @@ def switchable_layers(model: nn.Module) -> dict[str, nn.Module]:
     return frozen_linears(model) if frozen else quept_linears(model)
 
 
-def set_adapter_frozen(model: nn.Module, adapter_name: str | list[str]) -> None:
-    """``set_adapter`` of a frozen model: a bit-width (``"w3"``) or stored plan (``"mixed-3.25"``) by name.
+def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
+    """``set_adapter`` of a QuEPT transformers model: a bit-width (``"w3"``) or stored plan (``"mixed-3.25"``).
 
-    A frozen model carries no PEFT adapter (its widths are stored codes), so transformers' own ``set_adapter``
-    would answer "No adapter loaded"; this gives it the same front door as the elastic model."""
+    Elastic: transformers' own ``set_adapter``, after checking the name, so an unknown one is told which
+    bit-widths exist (transformers would list only the saved adapter, ``['default']``). Frozen: the model carries
+    no PEFT adapter (its widths are stored codes) and transformers would answer "No adapter loaded"; the stored
+    codes of that width or plan are switched to instead."""
+    config = quept_config(model)
+    if not config.is_frozen:
+        adapters = getattr(model, "peft_config", None)
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [name for name in names if isinstance(adapters, ElasticAdapters) and name not in adapters]
+        if unknown:
+            raise ValueError(
+                f"set_adapter: adapter_name={unknown[0]!r} does not exist; this elastic model provides "
+                f"{adapters.available()}"
+            )
+        type(model).set_adapter(model, adapter_name)
+        return
     if isinstance(adapter_name, list):
         if len(adapter_name) != 1:
             raise ValueError(f"set_adapter: a frozen model runs one bit-width at a time, got {adapter_name}")
@@ -216,10 +197,12 @@ def set_adapter_frozen(model: nn.Module, adapter_name: str | list[str]) -> None:
     _set_plan(model, adapter_name)
 
 
-def install_frozen_switch(model: nn.Module) -> None:
-    """Give a frozen transformers model ``set_adapter`` (an instance attribute, like the elastic save hooks)."""
-    if getattr(vars(model).get("set_adapter"), "__func__", None) is not set_adapter_frozen:
-        model.set_adapter = _BoundOverride(set_adapter_frozen, model)
+def install_switch(model: nn.Module) -> None:
+    """Give a QuEPT transformers model the `set_adapter` front door (an instance attribute: see quept_hf.compat)."""
+    override_method(model, "set_adapter", set_adapter)
+
+
+INJECTION_HOOKS.append(install_switch)
 
 
 def _is_packed(model: nn.Module) -> bool:

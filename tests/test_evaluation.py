@@ -275,7 +275,8 @@ def test_per_bit_restores_a_plan_a_mapping_and_after_an_error(quept_llama):
     assert isinstance(plan_bits, dict) and plan_bits.items() >= PLAN_BITS.items()
     per_bit(model, get_bits, bits=[3])
     assert get_bits(model) == plan_bits
-    assert {layer.active_adapters[0] for layer in quept_hf.switch.mbclora_layers(model)} == {PLAN}  # by name
+    layers = quept_hf.inspection.mbclora_layers(model).values()
+    assert {layer.active_adapters[0] for layer in layers} == {PLAN}  # by name
     hand = {"model.layers.0.self_attn.v_proj": 3}
     set_bits(model, 6)
     set_bits(model, hand)

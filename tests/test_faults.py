@@ -260,7 +260,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 import quept_hf
-from quept_hf import atomic, serialization
+from quept_hf import atomic, saving
 
 folder, point, expected = sys.argv[1:4]
 model = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -288,9 +288,9 @@ def die_on_second_shard(original):
     return write
 
 if point == "after_base":  # transformers wrote config.json + weights, the adapter is not written yet
-    serialization._write_adapter = die
+    saving.write_adapter = die
 elif point == "after_adapter":
-    serialization._write_sensitivity = die
+    saving.save_sensitivity = die
 elif point == "before_swap":
     atomic._swap_in = die
 elif point == "mid_shards":

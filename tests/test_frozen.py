@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 import quept_hf
 from quept_hf import FrozenLinear, QuEPTConfig, freeze, get_bits, set_bits, set_weight_form
 from quept_hf.cli import main as cli_main
-from quept_hf.quantizer import quept_linears
+from quept_hf.inspection import quept_linears
 
 try:
     from tests import tiny_models

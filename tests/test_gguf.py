@@ -31,8 +31,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 import quept_hf
 from quept_hf import QuEPTConfig
 from quept_hf.packing import gguf_blocks as blocks
-from quept_hf.packing import quantize_layers, resolve_plan
 from quept_hf.packing.gguf import export_gguf, gguf_summary, gguf_type, permute_rows
+from quept_hf.packing.plan import quantize_layers, resolve_plan
 from quept_hf.packing.working import dequantize_codes
 from tests.test_packing_export import elastic_model
 

@@ -17,10 +17,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import quept_hf
-from quept_hf import QuEPTConfig, hub
+from quept_hf import QuEPTConfig, hub, saving
 from quept_hf.config import FORMAT_VERSION
+from quept_hf.inspection import quept_linears
 from quept_hf.mixed_precision import Plan, add_plan
-from quept_hf.quantizer import quept_linears
 
 try:
     from tests.conftest import make_tiny_tokenizer
@@ -199,7 +199,7 @@ def test_uncalibrated_push_is_refused_unless_allowed(tiny_llama_dir, local_hub, 
     card = ModelCard.load("me/raw")
     assert "published without calibration" in card.text and "quept_hf.set_bits(model, 3)" in card.text
     assert not card.data.quept["calibrated"] and hub.PLOT_NAME not in local_hub.files("me/raw")
-    monkeypatch.setenv(hub.ALLOW_UNCALIBRATED_ENV, "1")
+    monkeypatch.setenv(saving.ALLOW_UNCALIBRATED_ENV, "1")
     model.push_to_hub("me/raw-env")
     assert "config.json" in local_hub.files("me/raw-env")
 

@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM
 
 import quept_hf
 from quept_hf import MBCLoRAConfig, QuEPTConfig, QuEPTLinear, get_bits, set_bits
+from quept_hf.inspection import quept_linears
 from quept_hf.mbclora import MBCLoRALayer
 from quept_hf.nn import fake_quantize_activation, fake_quantize_weight
-from quept_hf.quantizer import quept_linears
 
 try:
     from tests.conftest_hub import local_hub
@@ -236,14 +236,20 @@ def test_set_bits_is_set_adapter(tiny_llama_dir, tmp_path):
 
 def test_unknown_adapter_is_a_value_error_listing_the_available_ones(tiny_llama_dir):
     wrapped, model = peft_model(tiny_llama_dir), hf_model(tiny_llama_dir)
-    for candidate in (wrapped, model):
-        with pytest.raises(ValueError, match=r"'w9'.*'w2'.*'w8'"):
-            candidate.set_adapter("w9")
-    weight_activation = peft_model(tiny_llama_dir, "weight_activation")
-    with pytest.raises(ValueError, match=r"'w3'.*\['w4', 'w5', 'w6', 'w7', 'w8'\]"):
+    for adapters in (wrapped.peft_config, model.peft_config):  # a plain membership test answers, never raises
+        assert "w4" in adapters and "w9" not in adapters and "default" in adapters and 9 not in adapters
+    with pytest.raises(ValueError, match=r"adapter_name='w9' does not exist.*'w2'.*'w8'"):
+        model.set_adapter("w9")  # the transformers model: quept_hf's set_adapter names what exists
+    with pytest.raises(ValueError, match="w9"):
+        wrapped.set_adapter("w9")  # a PeftModel: PEFT's own check ("Adapter w9 not found.")
+    weight_activation = quept(tiny_llama_dir, "weight_activation")
+    weight_activation.add_adapter(MBCLoRAConfig())
+    with pytest.raises(ValueError, match=r"'w3'.*'w4', 'w5', 'w6', 'w7', 'w8'"):
         weight_activation.set_adapter("w3")
     with pytest.raises(ValueError, match="bits=3 is not available"):
         set_bits(weight_activation, 3)
+    with pytest.raises(ValueError, match="bits=9 is not available"):
+        set_bits(wrapped, 9)
 
 
 # ------------------------------------------------------------------------------------------- persistence

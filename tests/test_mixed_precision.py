@@ -17,9 +17,9 @@ import quept_hf
 from quept_hf import QuEPTConfig, get_bits, set_bits
 from quept_hf import mixed_precision as mp
 from quept_hf.calibration.data import text_windows
+from quept_hf.inspection import quept_linears
 from quept_hf.mixed_precision import SensitivityTable, allocate, plan_mixed_precision
 from quept_hf.nn import fake_quantize_activation
-from quept_hf.quantizer import quept_linears
 
 try:
     from tests.conftest_hub import local_hub

@@ -20,11 +20,11 @@ from torch.utils._pytree import tree_leaves
 from transformers import AutoModelForCausalLM
 
 import quept_hf
-from quept_hf import MBCLoRAConfig, PackedLinear, QuEPTConfig
+from quept_hf import MBCLoRAConfig, PackedLinear, QuEPTConfig, export, pack_model
+from quept_hf.inspection import quept_linears
 from quept_hf.nn.functional import fake_quantize_activation, fake_quantize_weight, quantize_weight_codes
-from quept_hf.packing import export, pack_model, packed_cols, set_weight_cache
+from quept_hf.packing import packed_cols, set_weight_cache
 from quept_hf.packing.interop import compressed_tensors_available, export_compressed_tensors
-from quept_hf.quantizer import quept_linears
 
 ALL_BITS = [2, 3, 4, 5, 6, 7, 8]
 # Group sizes per bit-width covering group 32, group 128 (one group for in=64, a padded second group for in=160)
@@ -119,7 +119,7 @@ def test_activation_quantization_and_input_transform():
 def test_quept_linear_freezes_into_an_equal_packed_linear(granularity):
     """Layer level, both activation quantizers (per-tensor: the ViT path with a calibrated log step)."""
     from quept_hf import QuEPTLinear
-    from quept_hf.packing.export import _quantize
+    from quept_hf.packing.plan import _quantize
 
     torch.manual_seed(0)
     layer = QuEPTLinear(
@@ -367,9 +367,9 @@ def test_compressed_tensors_layout_is_the_packages_own(elastic):
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    from quept_hf.packing.export import quantize_layers
     from quept_hf.packing.interop import _ct_tensors
     from quept_hf.packing.linear import dequantize_codes
+    from quept_hf.packing.plan import quantize_layers
 
     name = "model.layers.0.mlp.down_proj"
     for bits, repeat in ((3, 4), (4, 5)):

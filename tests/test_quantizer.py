@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 
 import quept_hf
 from quept_hf import QuEPTConfig, QuEPTLinear, get_bits, quantize_model, set_bits
+from quept_hf.inspection import quept_linears
 from quept_hf.nn import CLIP_INIT
-from quept_hf.quantizer import quept_linears
 
 ALL_BITS = [2, 3, 4, 5, 6, 7, 8]
 PROJECTIONS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]

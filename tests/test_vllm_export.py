@@ -20,13 +20,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from quept_hf import QuEPTConfig
-from quept_hf.packing.export import QuantizedLinear, quantize_layers
 from quept_hf.packing.interop import (
     _check_vllm,
     _int8_rows,
     compressed_tensors_available,
     export_compressed_tensors,
 )
+from quept_hf.packing.plan import QuantizedLinear, quantize_layers
 from quept_hf.packing.working import dequantize_codes
 from tests.test_packing_export import elastic_model
 

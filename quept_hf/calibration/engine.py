@@ -21,10 +21,12 @@ import torch
 from torch import nn
 from transformers.utils.logging import tqdm  # honours transformers.logging.disable_progress_bar()
 
-from ..config import QuEPTConfig
+from ..compat import unwrap
+from ..config import CALIBRATION_SETTINGS, QuEPTConfig, quept_config
 from ..mbclora import MBCLoRAConfig, MBCLoRALayer, adapter_name_for_bits
 from ..models import Architecture, Chain, architecture_for, fold_block_norms
 from ..nn import FLOAT_BITS, QuEPTLinear, float_reference
+from ..switch import set_bits
 from .capture import capture_block_kwargs, capture_first_block_inputs, to_device
 from .checkpoint import BlockCheckpoints, tensors_sha256
 from .data import describe, text_windows
@@ -33,10 +35,6 @@ from .smoothing import search_bits, smooth_block
 
 logger = logging.getLogger(__name__)
 
-SETTINGS = (
-    "num_samples", "seq_len", "epochs", "batch_size", "lr_lora", "lr_clip", "loss",
-    "top_p", "merge_weights", "token_merge", "cascade_training", "lr_scaling", "seed", "checkpoint_dir",
-)  # fmt: skip
 MIN_LR_RATIO = 0.01  # cosine schedule down to lr/100
 STATS_SAMPLES = 16  # calibration samples used to measure LayerNorm ranges and initialise activation scales
 
@@ -98,8 +96,6 @@ def calibrate(
 
     Afterwards every bit-width adapter (``model.set_adapter("w2")`` ... ``"w8"``) is calibrated.
     """
-    from ..switch import quept_config, set_bits
-
     config = quept_config(model)
     settings = _settings(config, overrides)
     dataset = dataset if dataset is not None else config.dataset
@@ -109,13 +105,13 @@ def calibrate(
     arch = architecture_for(model)
     if arch.input_kind != "text":
         tokenizer = processor or config.processor or config.image_processor or tokenizer
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     _ensure_adapters(model, config, settings.seed)
     batches = _model_batches(arch, dataset, tokenizer, settings, _vocab_size(base))
     _run(base, arch, batches, config, settings)
     config.calibrated = True
     config.dataset_description = describe(dataset)
-    for name in SETTINGS:
+    for name in CALIBRATION_SETTINGS:
         if name != "checkpoint_dir":
             setattr(config, name, getattr(settings, name))
     set_bits(model, config.default_bits)
@@ -123,9 +119,9 @@ def calibrate(
 
 
 def _settings(config: QuEPTConfig, overrides: dict) -> QuEPTConfig:
-    unknown = sorted(set(overrides) - set(SETTINGS))
+    unknown = sorted(set(overrides) - set(CALIBRATION_SETTINGS))
     if unknown:
-        raise ValueError(f"calibrate() got unknown setting(s) {unknown}; allowed: {list(SETTINGS)}")
+        raise ValueError(f"calibrate() got unknown setting(s) {unknown}; allowed: {list(CALIBRATION_SETTINGS)}")
     merged = {**config.to_dict(), **overrides}
     return QuEPTConfig.from_dict(merged)  # validates the overrides like any config
 
@@ -443,7 +439,7 @@ def _generator(seed: int, index: int, stream: str) -> torch.Generator:
 
 def _fingerprint(settings: QuEPTConfig, batches: list[dict]) -> dict:
     """What a checkpoint_dir must match to be resumed: the settings and the calibration data."""
-    keys = ("mode", "bits", "bit_groups", "ranks", "group_size", "cascade", "cascade_training", *SETTINGS)
+    keys = ("mode", "bits", "bit_groups", "ranks", "group_size", "cascade", "cascade_training", *CALIBRATION_SETTINGS)
     keys += ("rotation", "smoothing", "kv_bits")  # they change the weights / the block function
     full = settings.to_dict()
     digest = hashlib.sha256()

@@ -34,6 +34,7 @@ import logging
 import torch
 from torch import nn
 
+from ..compat import refresh_tied_weights, unwrap
 from ..config import QuEPTConfig
 from ..models import Architecture, DecoderLayout, find_architecture
 from ..nn.hadamard import base_order, hadamard_matrix, hadamard_transform, random_signs
@@ -81,7 +82,7 @@ def resolve_transforms(model: nn.Module, config: QuEPTConfig, fresh: bool) -> No
     these fields was neither rotated nor smoothed: ``None`` means ``False`` there. An explicit ``True`` the
     model cannot honour raises a ValueError saying why; a default that does not apply is logged and dropped.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     arch = find_architecture(base)
     for field, mode in DEFAULT_ON.items():
         value = getattr(config, field)
@@ -121,8 +122,7 @@ def _untie_lm_head(model: nn.Module) -> None:
         )
     for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         config.tie_word_embeddings = False
-    if hasattr(model, "all_tied_weights_keys"):  # what save_pretrained drops as duplicates
-        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
+    refresh_tied_weights(model)  # what save_pretrained drops as duplicates
 
 
 @torch.no_grad()
@@ -226,7 +226,7 @@ def rotate_model(model: nn.Module, seed: int = 0) -> None:
 # ------------------------------------------------------------------------------------------ online transforms
 def install_online_transforms(model: nn.Module, config: QuEPTConfig) -> None:
     """(Re)install what a rotated / KV-quantized model computes online, from the config alone (at load too)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     if not config.rotation and config.kv_bits is None:
         return
     arch = find_architecture(base)

@@ -2,34 +2,17 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 from peft import PeftConfig
-from peft.utils import PeftType
 
+from ..compat import register_peft_type
 from ..naming import adapter_name_for_bits, bits_of_adapter_name
 
 PEFT_TYPE_NAME = "MBCLORA"
 
 
-def _extend_peft_type() -> PeftType:
-    """PeftType is a closed ``str`` Enum: add the ``MBCLORA`` member once, the way Enum itself builds members."""
-    if PEFT_TYPE_NAME in PeftType.__members__:
-        return PeftType[PEFT_TYPE_NAME]
-    member = str.__new__(PeftType, PEFT_TYPE_NAME)
-    member._name_, member._value_ = PEFT_TYPE_NAME, PEFT_TYPE_NAME
-    member.__objclass__ = PeftType
-    member.__init__(PEFT_TYPE_NAME)
-    PeftType._member_map_[PEFT_TYPE_NAME] = member
-    PeftType._value2member_map_[PEFT_TYPE_NAME] = member
-    PeftType._member_names_.append(PEFT_TYPE_NAME)
-    type.__setattr__(PeftType, PEFT_TYPE_NAME, member)
-    assert isinstance(member, enum.Enum)
-    return member
-
-
-MBCLORA = _extend_peft_type()
+MBCLORA = register_peft_type(PEFT_TYPE_NAME)  # peft's PeftType has no public way to add a member
 
 
 @dataclass

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import ClassVar
 
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
+from transformers import PreTrainedModel
 
+from ..config import quept_config
 from ..nn import QuEPTLinear
 from .config import MBCLoRAConfig
 from .layer import MBCLoRALayer
 
-_BIT_LIKE = re.compile(r"^(w\d+|mixed-.*)$")
+# Called with the transformers model after MB-CLoRA is injected into it: `quept_hf.saving` registers the hook
+# that makes its saves write the whole elastic model (this low-level tuner cannot import saving itself).
+INJECTION_HOOKS: list[Callable[[nn.Module], None]] = []
 
 
 class ElasticAdapters(dict):
@@ -20,7 +25,8 @@ class ElasticAdapters(dict):
 
     Iterating it yields only the real (saved) elastic adapter, so ``save_pretrained`` writes ONE adapter that
     holds every bit-width, while ``"w4" in peft_config`` and ``peft_config["w4"]`` make PEFT's and transformers'
-    ``set_adapter("w4")`` accept the bit-width names.
+    ``set_adapter("w4")`` accept the bit-width names. A name that exists nowhere is simply not in it (an unknown
+    name gets its message from `quept_hf.switch`'s ``set_adapter``, which lists the bit-widths that exist).
     """
 
     def _alias_root(self, key: object) -> str | None:
@@ -29,14 +35,13 @@ class ElasticAdapters(dict):
                 return root
         return None
 
+    def available(self) -> list[str]:
+        """Every name ``set_adapter`` accepts: the adapters' own and their bit-widths and plans."""
+        names = list(dict.keys(self))
+        return names + [n for c in dict.values(self) if isinstance(c, MBCLoRAConfig) for n in c.adapter_names()]
+
     def __contains__(self, key: object) -> bool:
-        found = dict.__contains__(self, key) or self._alias_root(key) is not None
-        if not found and isinstance(key, str) and _BIT_LIKE.match(key):
-            # transformers/PEFT answer "not found among ['default']": name the bit-widths that do exist.
-            available = [n for c in dict.values(self) if isinstance(c, MBCLoRAConfig) for n in c.adapter_names()]
-            if available:
-                raise ValueError(f"adapter {key!r} does not exist: this elastic model provides {available}")
-        return found
+        return dict.__contains__(self, key) or self._alias_root(key) is not None
 
     def __getitem__(self, key: str):
         if dict.__contains__(self, key):
@@ -59,8 +64,6 @@ class MBCLoRAModel(BaseTuner):
 
     def _pre_injection_hook(self, model: nn.Module, config: MBCLoRAConfig, adapter_name: str) -> None:
         """Fill the defaults from the model's QuEPTConfig, and expose the bit-width adapter names."""
-        from ..switch import quept_config
-
         quant = quept_config(model)
         config.bit_groups = config.bit_groups or [list(g) for g in quant.bit_groups]
         config.ranks = config.ranks or list(quant.ranks)
@@ -79,13 +82,11 @@ class MBCLoRAModel(BaseTuner):
         model.peft_config = self.peft_config
 
     def _post_injection_hook(self, model: nn.Module, config: MBCLoRAConfig, adapter_name: str) -> None:
-        """A transformers model with adapters would save only the adapter: make it save the elastic model."""
-        from transformers import PreTrainedModel
-
+        """A transformers model with adapters would save only the adapter: `INJECTION_HOOKS` make it save the
+        elastic model."""
         if isinstance(model, PreTrainedModel):
-            from ..serialization import install_elastic_save
-
-            install_elastic_save(model)
+            for hook in INJECTION_HOOKS:
+                hook(model)
 
     def _check_new_adapter_config(self, config: MBCLoRAConfig) -> None:
         roots = [name for name, c in dict.items(self.peft_config) if isinstance(c, MBCLoRAConfig)]

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compat import unwrap
 from .layout import GEMMA3_LAYOUT, LLAMA_LAYOUT, DecoderLayout, find_module
 
 INPUT_KINDS = ("text", "image", "image_text")
@@ -166,7 +167,7 @@ def supported_model_types() -> list[str]:
 
 
 def _model_type(model: nn.Module) -> str | None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     return getattr(getattr(base, "config", None), "model_type", None)
 
 
@@ -179,7 +180,7 @@ def architecture_for(model: nn.Module) -> Architecture:
     """The `Architecture` of a transformers model (a clear error lists the supported model types)."""
     model_type = _model_type(model)
     if model_type not in _REGISTRY:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = unwrap(model)
         raise ValueError(
             f"QuEPT calibration does not support model_type={model_type!r} ({type(base).__name__}); "
             f"supported: {supported_model_types()}"

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..compat import mask_function
 from ..naming import FLOAT_BITS
 from .functional import round_ste
 from .hadamard import hadamard_transform
@@ -129,9 +130,8 @@ def register_kv_attention(inner: str) -> str:
 
     name = f"{KV_PREFIX}{inner}"
     AttentionInterface.register(name, _wrapped(inner))
-    masks = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
     # quept_eager (and any eager-style function without its own mask) adds a float mask like eager.
-    ALL_MASK_ATTENTION_FUNCTIONS.register(name, masks.get(inner, eager_mask))
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask_function(inner, eager_mask))
     return name
 
 

@@ -1,5 +1,9 @@
 """Real low-bit storage: dense packing of 2..8-bit codes, the frozen and packed layers, freeze, export, interop.
 
+The package itself exports only the storage layers (codec, `PackedLinear`, `FrozenLinear`, working forms), which
+the rest of quept_hf builds on; `freeze`, `export`, `pack_model` and the engines' formats (`gguf`, `interop`) sit
+above the glue that looks things up on a model, and are imported from their modules (or from ``quept_hf``).
+
 ``quept_hf.freeze(model, bits=[2, 3, 4, 8])`` turns an elastic model into its deployable form: packed codes of
 every kept bit-width (`FrozenLinear`), switched by ``set_adapter`` without re-quantizing.
 
@@ -9,8 +13,6 @@ a transformers folder with packed weights that ``from_pretrained`` loads through
 """
 
 from .codec import pack, packed_cols, unpack
-from .export import QuantizedLinear, export, pack_model, quantize_layers, resolve_plan
-from .freeze import freeze
 from .frozen import FrozenLinear, set_weight_form
 from .linear import PackedLinear, set_weight_cache
 from .working import WEIGHT_FORMS, dequantize_codes
@@ -19,15 +21,9 @@ __all__ = [
     "WEIGHT_FORMS",
     "FrozenLinear",
     "PackedLinear",
-    "QuantizedLinear",
     "dequantize_codes",
-    "export",
-    "freeze",
     "pack",
-    "pack_model",
     "packed_cols",
-    "quantize_layers",
-    "resolve_plan",
     "set_weight_cache",
     "set_weight_form",
     "unpack",

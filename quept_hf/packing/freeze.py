@@ -2,7 +2,7 @@
 
 ``frozen = quept_hf.freeze(model, bits=[2, 3, 4, 8], plans=["mixed-3.25"])`` computes, for every `QuEPTLinear`
 and every width it must keep (the uniform ``bits``, plus each kept plan's width for that layer), the codes of
-``Q_b(W + ΔW_b)`` with the calibrated clipping of ``b`` (`quept_hf.packing.export.quantize_layers`, the fake
+``Q_b(W + ΔW_b)`` with the calibrated clipping of ``b`` (`quept_hf.packing.plan.quantize_layers`, the fake
 quantizer's own math) and stores them in a `quept_hf.packing.frozen.FrozenLinear`. No float weight, MB-CLoRA
 factor or clipping logit of a linear layer survives. The result is the model ``from_pretrained`` of the saved
 folder gives: it is built through transformers' loading path (``from_pretrained(None, config=..., state_dict=...)``)
@@ -19,19 +19,17 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..config import FORMAT_VERSION, FROZEN_FORMAT, FROZEN_VERSION, MAX_BITS, MIN_BITS, QuEPTConfig
+from ..compat import unwrap
+from ..config import FORMAT_VERSION, FROZEN_FORMAT, FROZEN_VERSION, MAX_BITS, MIN_BITS, QuEPTConfig, quept_config
+from ..inspection import base_state_dict
 from ..nn.functional import quantize_weight_codes
 from .codec import pack
-from .export import QuantizedLinear, quantize_layers, resolve_plan, stored_plans
 from .frozen import FrozenLinear
+from .plan import QuantizedLinear, quantize_layers, resolve_plan, stored_plans
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["freeze", "frozen_config", "kept_widths"]
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def kept_widths(
@@ -42,8 +40,6 @@ def kept_widths(
     ``bits`` defaults to every bit-width of the model, ``plans`` to every stored plan; a plan's widths are kept
     only on the layers that use them, so a plan adds little beyond the uniform widths.
     """
-    from ..switch import quept_config
-
     config = quept_config(model)
     uniform = _check_bits(config, config.bits if bits is None else bits)
     available = stored_plans(model, config)
@@ -172,10 +168,7 @@ def freeze(
     ``save_pretrained`` and reloads with ``from_pretrained``. At every kept width its logits equal the elastic
     model's bit for bit (weight form ``"dequantized"``, the default; see `quept_hf.set_weight_form`).
     """
-    from ..serialization import base_state_dict
-    from ..switch import quept_config
-
-    base = _unwrap(model)
+    base = unwrap(model)
     config = quept_config(model)
     _check_head_bits(head_bits)
     uniform, plan_maps, kept = kept_widths(model, bits, plans)

@@ -40,9 +40,13 @@ import torch
 from gguf import GGMLQuantizationType as QType
 from torch import nn
 
+from .. import assets
+from ..compat import unwrap
+from ..config import quept_config
+from ..inspection import frozen_linears
 from . import gguf_blocks as blocks
-from .export import BitsOrPlan, QuantizedLinear, _expand, _plan_mapping, _unwrap, quantize_layers, resolve_plan
 from .frozen import FrozenLinear
+from .plan import BitsOrPlan, QuantizedLinear, expand_plan, plan_mapping, quantize_layers, resolve_plan
 from .working import dequantize_codes
 
 logger = logging.getLogger(__name__)
@@ -87,16 +91,13 @@ def permute_rows(rows: int, n_head: int, n_head_kv: int | None = None) -> torch.
 
 def _grids(model: nn.Module, bits_or_plan: BitsOrPlan) -> tuple[str, dict[str, QuantizedLinear]]:
     """``(plan name, {module: QuantizedLinear})`` from an elastic model (computed) or a frozen one (stored)."""
-    base = _unwrap(model)
-    frozen = {name: m for name, m in base.named_modules() if isinstance(m, FrozenLinear)}
+    frozen = frozen_linears(unwrap(model))
     if not frozen:
         name, plan = resolve_plan(model, bits_or_plan)
         return name, quantize_layers(model, plan)
-    from ..switch import quept_config
-
     config = quept_config(model)
-    name, mapping = _plan_mapping(model, config, bits_or_plan)
-    plan = _expand(mapping, list(frozen), config.default_bits)
+    name, mapping = plan_mapping(model, config, bits_or_plan)
+    plan = expand_plan(mapping, list(frozen), config.default_bits)
     return name, {module: _frozen_grid(module, frozen[module], bits) for module, bits in plan.items()}
 
 
@@ -254,9 +255,7 @@ def _add_vocab(writer: gguf.GGUFWriter, model: nn.Module, tokenizer, vocab_size:
 
 def _default_vocab_source(model: nn.Module):
     """SmolLM2 converted by `quept_hf.assets`: its source GGUF; a local source folder: its tokenizer."""
-    from .. import assets
-
-    folder = getattr(_unwrap(model), "name_or_path", "") or ""
+    folder = getattr(unwrap(model), "name_or_path", "") or ""
     if Path(folder).name == assets.SMOLLM2_FLOAT_NAME:
         try:
             return os.path.join(*assets.smollm2_gguf())
@@ -360,7 +359,7 @@ def _check_args(model: nn.Module, bits_or_plan: BitsOrPlan, embedding_type: str)
         raise ValueError(f"embedding_type={embedding_type!r} is not supported; choose one of {list(EMBEDDING_TYPES)}")
     if not isinstance(bits_or_plan, (int, str, Mapping)) or isinstance(bits_or_plan, bool):
         raise ValueError(f"bits_or_plan={bits_or_plan!r}: expected 4, 'w4', a stored plan name or {{module: bits}}")
-    arch = (getattr(_unwrap(model).config, "architectures", None) or [type(_unwrap(model)).__name__])[0]
+    arch = (getattr(unwrap(model).config, "architectures", None) or [type(unwrap(model)).__name__])[0]
     if arch not in ARCHITECTURES:
         raise ValueError(f"model: architecture {arch} has no GGUF export yet; supported: {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[arch]
@@ -450,7 +449,7 @@ def export_gguf(
         overwrite: replace an existing file.
     """
     arch = _check_args(model, bits_or_plan, embedding_type)
-    base = _unwrap(model)
+    base = unwrap(model)
     plan_name, grids = _grids(model, bits_or_plan)
     _check_weight_only(grids)
     target = _target(path, base, plan_name, overwrite)

@@ -67,7 +67,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..atomic import staged_folder
-from .export import BitsOrPlan, QuantizedLinear, _check_target, _unwrap, quantize_layers, resolve_plan
+from ..compat import unwrap
+from ..inspection import base_state_dict, quept_linears
+from .plan import BitsOrPlan, QuantizedLinear, check_target, quantize_layers, resolve_plan
 
 __all__ = ["VLLM_TARGET", "compressed_tensors_available", "export_compressed_tensors"]
 
@@ -209,12 +211,9 @@ def export_compressed_tensors(
         raise ImportError(f"export_compressed_tensors needs the compressed-tensors package: {CT_PIP}")
     if target not in (None, VLLM_TARGET):
         raise ValueError(f"target={target!r}: allowed are None (the general format) and {VLLM_TARGET!r}")
-    from ..quantizer import quept_linears
-    from ..serialization import base_state_dict
-
     out_dir = os.fspath(out_dir)
-    _check_target(out_dir, overwrite)
-    base = _unwrap(model)
+    check_target(out_dir, overwrite)
+    base = unwrap(model)
     _, plan = resolve_plan(model, bits_or_plan)
     layers = quantize_layers(model, plan)
     w8a8 = target == VLLM_TARGET and _check_vllm(layers)
