@@ -2,6 +2,6 @@
 
 from .engine import calibrate
 from .mbtome import merge_tokens
-from .plan import MemoryPlan, plan
+from .memory import MemoryPlan, plan
 
 __all__ = ["MemoryPlan", "calibrate", "merge_tokens", "plan"]

@@ -9,12 +9,14 @@ graph of ``batch_size`` samples per bit group) on the compute device (CUDA when 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import hashlib
 import inspect
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -31,15 +33,27 @@ from .capture import capture_block_kwargs, capture_first_block_inputs, to_device
 from .checkpoint import BlockCheckpoints, tensors_sha256
 from .data import describe, text_windows
 from .mbtome import merge_tokens
+from .memory import plan as memory_plan
+from .offload import (
+    ActivationStore,
+    has_offloaded,
+    is_offloaded,
+    onloaded,
+    prepare,
+    replay,
+    resident_device,
+    stored_tensor,
+)
 from .smoothing import search_bits, smooth_block
 
 logger = logging.getLogger(__name__)
 
+RUN_SETTINGS = ("activations_dir",)  # where this run keeps its tensors: neither fingerprinted nor recorded
 MIN_LR_RATIO = 0.01  # cosine schedule down to lr/100
 STATS_SAMPLES = 16  # calibration samples used to measure LayerNorm ranges and initialise activation scales
 
 
-@dataclass
+@dataclasses.dataclass
 class _Block:
     """One Transformer block with the handles the engine needs."""
 
@@ -48,6 +62,7 @@ class _Block:
     kwargs: dict
     layers: dict[str, MBCLoRALayer]
     unbatched: bool = False
+    store: ActivationStore = dataclasses.field(default_factory=ActivationStore)
 
     def set_bits(self, bits: int) -> None:
         for layer in self.layers.values():
@@ -106,6 +121,8 @@ def calibrate(
     if arch.input_kind != "text":
         tokenizer = processor or config.processor or config.image_processor or tokenizer
     base = unwrap(model)
+    if is_offloaded(base):
+        prepare(base)  # every tensor stored where accelerate keeps the unit, before adapters are added
     _ensure_adapters(model, config, settings.seed)
     batches = _model_batches(arch, dataset, tokenizer, settings, _vocab_size(base))
     _run(base, arch, batches, config, settings)
@@ -119,9 +136,10 @@ def calibrate(
 
 
 def _settings(config: QuEPTConfig, overrides: dict) -> QuEPTConfig:
-    unknown = sorted(set(overrides) - set(CALIBRATION_SETTINGS))
+    allowed = [*CALIBRATION_SETTINGS, *RUN_SETTINGS]
+    unknown = sorted(set(overrides) - set(allowed))
     if unknown:
-        raise ValueError(f"calibrate() got unknown setting(s) {unknown}; allowed: {list(CALIBRATION_SETTINGS)}")
+        raise ValueError(f"calibrate() got unknown setting(s) {unknown}; allowed: {allowed}")
     merged = {**config.to_dict(), **overrides}
     return QuEPTConfig.from_dict(merged)  # validates the overrides like any config
 
@@ -139,6 +157,11 @@ def _ensure_adapters(model: nn.Module, config: QuEPTConfig, seed: int) -> None:
     torch.manual_seed(seed)
     try:
         model.add_adapter(adapter)
+        base = unwrap(model)
+        if is_offloaded(base):  # offloaded layers got meta slices: initialise every layer again, in the same order
+            torch.manual_seed(seed)
+            replay(base, MBCLoRALayer, lambda layer: layer.update_layer(layer._root(), layer.elastic[layer._root()]))
+            prepare(base)
     finally:
         torch.random.set_rng_state(state)
 
@@ -162,8 +185,10 @@ def _model_batches(
 
 def _run(base: nn.Module, arch: Architecture, batches: list[dict], config: QuEPTConfig, settings: QuEPTConfig) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model_device = next(base.parameters()).device
-    batches = [to_device(b, model_device) for b in batches]
+    batches = [to_device(b, resident_device(base)) for b in batches]
+    if is_offloaded(base):
+        _check_units(base, prepare(base), arch, config)
+    logger.info("%s", memory_plan(base, settings, device=device, check=True))
     checkpoints = None
     if settings.checkpoint_dir:
         fingerprint = {**_fingerprint(settings, batches), **_model_fingerprint(base, arch, config)}
@@ -194,40 +219,75 @@ def _run_chain(
         raise ValueError(f"{chain.name} packs every image of a batch into one sequence: calibrate with batch_size=1")
     forward_kwargs = dict(arch.forward_kwargs)
     blocks = chain.blocks
-    model_device = next(base.parameters()).device
+    model_device = resident_device(base)
+    store = ActivationStore(settings.activations_dir)
     all_kwargs = capture_block_kwargs(base, blocks, batches[0], forward_kwargs, arch.first_sample)
     with float_reference(base):
-        x_fp = capture_first_block_inputs(base, blocks, batches, forward_kwargs, chain.unbatched)
+        x_fp = store.keep(capture_first_block_inputs(base, blocks, batches, forward_kwargs, chain.unbatched))
     # One quantized input stream per bit group; they are the same tensor unless token_merge="separate".
-    x_q = capture_first_block_inputs(base, blocks, batches, forward_kwargs, chain.unbatched)
+    x_q = store.keep(capture_first_block_inputs(base, blocks, batches, forward_kwargs, chain.unbatched))
     x_q = [x_q] * len(settings.bit_groups)
     for position in tqdm(range(len(blocks)), desc=f"QuEPT calibration ({chain.name})", unit="block"):
         index = offset + position
         kwargs = to_device(all_kwargs[position], device)
-        block = _Block(index, blocks[position], kwargs, _adapter_layers(blocks[position]), chain.unbatched)
-        block.module.to(device)
+        block = _Block(index, blocks[position], kwargs, _adapter_layers(blocks[position]), chain.unbatched, store)
         try:
-            _prepare_block(block, arch, x_fp, x_q, settings, device)
-            y_fp = _forward_all(block, x_fp, FLOAT_BITS, settings.batch_size, device)
-            if index < done:
-                block.load_state(checkpoints.load(index))
-            else:
-                _train_block(block, x_q, y_fp, settings, _generator(settings.seed, index, "train"), device)
-                if checkpoints:
-                    checkpoints.save(index, block.state())
-            # Its own stream: a block restored from a checkpoint must draw the same MB-ToMe bits as a trained one.
-            x_q = _next_inputs(block, x_q, settings, _generator(settings.seed, index, "merge"), device)
-            x_fp = y_fp
-            if position in chain.transitions:
-                transition = chain.transitions[position].to(device)
-                with float_reference(base):
-                    x_fp = _transition(transition, block, x_fp, settings.batch_size, device)
-                move = functools.partial(_transition, transition, block, batch_size=settings.batch_size, device=device)
-                x_q = _per_stream(x_q, move)
-                transition.to(model_device)
+            with _placed(block.module, device, model_device):
+                _prepare_block(block, arch, x_fp, x_q, settings, device)
+                y_fp = _forward_all(block, x_fp, FLOAT_BITS, settings.batch_size, device)
+                if index < done:
+                    block.load_state(checkpoints.load(index))
+                else:
+                    _train_block(block, x_q, y_fp, settings, _generator(settings.seed, index, "train"), device)
+                    if checkpoints:
+                        checkpoints.save(index, block.state())
+                # Its own stream: a restored block must draw the same MB-ToMe bits as a trained one.
+                x_q = _next_inputs(block, x_q, settings, _generator(settings.seed, index, "merge"), device)
+                x_fp = y_fp
+                if position in chain.transitions:
+                    x_fp, x_q = _transitions(base, chain.transitions[position], block, x_fp, x_q, settings, device)
         finally:
-            block.module.to(model_device)
             block.set_bits(config.default_bits)
+
+
+@contextlib.contextmanager
+def _placed(module: nn.Module, device: torch.device, model_device: torch.device) -> Iterator[None]:
+    """One block on the compute device while it is calibrated: an offloaded one is loaded from where accelerate
+    keeps it and its results are written back there (`offload.onloaded`); a resident one is moved and back."""
+    if has_offloaded(module):
+        with onloaded(module, device):
+            yield
+        return
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to(model_device)
+
+
+def _transitions(base, transition, block, x_fp, x_q, settings, device):
+    """Run a between-blocks module (Swin's patch merging) on the float and every quantized stream."""
+    model_device = resident_device(base)
+    transition.to(device)
+    try:
+        with float_reference(base):
+            x_fp = _transition(transition, block, x_fp, settings.batch_size, device)
+        move = functools.partial(_transition, transition, block, batch_size=settings.batch_size, device=device)
+        return x_fp, _per_stream(x_q, move)
+    finally:
+        transition.to(model_device)
+
+
+def _check_units(base: nn.Module, units: dict[str, nn.Module], arch: Architecture, config: QuEPTConfig) -> None:
+    """Calibration loads one block at a time: an offloaded device_map entry may be a block, lie inside one or
+    outside every block, but not hold several blocks."""
+    blocks = {id(b) for chain in arch.chains(base, config.quantize_vision_tower) for b in chain.blocks}
+    for name, unit in units.items():
+        if any(id(m) in blocks for m in unit.modules() if m is not unit):
+            raise ValueError(
+                f"device_map offloads {name!r} as one unit, which holds several calibration blocks: QuEPT loads one "
+                "block at a time, so give each block its own device_map entry (device_map='auto' does)"
+            )
 
 
 def _prepare_block(
@@ -297,8 +357,8 @@ def _adapter_layers(block: nn.Module) -> dict[str, MBCLoRALayer]:
 @torch.no_grad()
 def _forward_all(block: _Block, x: torch.Tensor, bits: int, batch_size: int, device: torch.device) -> torch.Tensor:
     block.set_bits(bits)
-    outs = [block(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
-    return torch.cat(outs)
+    outs = (block(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size))
+    return block.store.stack(outs, len(x))
 
 
 def _train_block(
@@ -416,7 +476,8 @@ def _next_inputs(
     outputs = [_forward_all(block, x, bits, settings.batch_size, device) for x, bits in zip(x_q, chosen, strict=True)]
     if _separate(settings):
         return outputs
-    return [merge_tokens(outputs, settings.top_p, settings.merge_weights, settings.token_merge)] * len(outputs)
+    merged = merge_tokens(outputs, settings.top_p, settings.merge_weights, settings.token_merge)
+    return [block.store.keep(merged)] * len(outputs)
 
 
 def _separate(settings: QuEPTConfig) -> bool:
@@ -462,15 +523,24 @@ def _model_fingerprint(base: nn.Module, arch: Architecture, config: QuEPTConfig)
     blocks = [block for chain in arch.chains(base, config.quantize_vision_tower) for block in chain.blocks]
     names = {id(module): name for name, module in base.named_modules()}
     prefixes = [names[id(block)] + "." for block in blocks]
-    groups: list[dict[str, torch.Tensor]] = [{} for _ in range(len(blocks) + 1)]  # last: outside every block
+    groups: list[dict[str, tuple]] = [{} for _ in range(len(blocks) + 1)]  # last: outside every block
     trained = (*MBCLoRALayer.adapter_layer_names, "clip_upper.", "clip_lower.", "clip_act.")
     for key, tensor in base.state_dict().items():
         if any(part in key for part in trained):
             continue
         owner = next((i for i, prefix in enumerate(prefixes) if key.startswith(prefix)), len(blocks))
-        groups[owner][key.removeprefix(prefixes[owner]) if owner < len(blocks) else key] = tensor
+        groups[owner][key.removeprefix(prefixes[owner]) if owner < len(blocks) else key] = (key, tensor)
     return {
         "architecture": f"{type(base).__name__} ({arch.name}, {len(blocks)} blocks)",
-        "block_weights_sha256": [tensors_sha256(group) for group in groups[:-1]],
-        "other_weights_sha256": tensors_sha256(groups[-1]),
+        "block_weights_sha256": [_group_sha256(base, group) for group in groups[:-1]],
+        "other_weights_sha256": _group_sha256(base, groups[-1]),
     }
+
+
+def _group_sha256(base: nn.Module, group: dict[str, tuple[str, torch.Tensor]]) -> str:
+    """Offloaded (meta) tensors are read from where accelerate keeps them, one group (block) at a time."""
+    values = {}
+    for name, (key, tensor) in group.items():
+        stored = stored_tensor(base, key) if tensor.device.type == "meta" else None
+        values[name] = tensor if stored is None else stored
+    return tensors_sha256(values)

@@ -1,0 +1,141 @@
+"""Models larger than memory (issue 20): calibration and freeze of a model dispatched by accelerate with part of its
+weights on disk give bit for bit the in-memory results; activations on disk; the peak-memory plan."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import quept_hf
+from quept_hf import QuEPTConfig
+from quept_hf.calibration import memory, plan
+from quept_hf.calibration.offload import offloaded_units, onloaded
+from quept_hf.packing.stream import save_frozen
+
+try:
+    from tests.conftest import TINY_LLAMA
+except ModuleNotFoundError:  # `tests/` itself on sys.path
+    from conftest import TINY_LLAMA  # type: ignore[no-redef]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BLOCKS = 3
+# Blocks 1 and 2 on disk; smoothing on, so calibration rewrites float weights of the offloaded blocks too.
+DEVICE_MAP = {
+    "model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+    "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk",
+}  # fmt: skip
+SETTINGS = dict(ranks=[4] * 4, group_size=16, num_samples=8, seq_len=16, batch_size=4, epochs=1, smoothing=True)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "num_hidden_layers": BLOCKS})).eval()
+    path = tmp_path_factory.mktemp("tiny_llama_3")
+    model.save_pretrained(path)
+    return str(path)
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
+
+
+def _load(folder: str, offload_dir=None, **settings) -> torch.nn.Module:
+    config = QuEPTConfig(**{**SETTINGS, **settings}, dataset=_ids())
+    if offload_dir is None:
+        return AutoModelForCausalLM.from_pretrained(folder, quantization_config=config).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=config, device_map=DEVICE_MAP, offload_folder=str(offload_dir)
+    ).eval()
+
+
+def _full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor, offloaded ones read back from where accelerate keeps them."""
+    state = {k: v.clone() for k, v in model.state_dict().items() if v.device.type != "meta"}
+    for name, unit in offloaded_units(model).items():
+        with onloaded(unit, "cpu"):
+            state.update({f"{name}.{k}": v.clone() for k, v in unit.state_dict().items()})
+    return state
+
+
+def _assert_same_model(a: torch.nn.Module, b: torch.nn.Module, bits=(2, 3, 4, 5, 6, 7, 8, 16)) -> None:
+    x, y = _full_state(a), _full_state(b)
+    assert sorted(x) == sorted(y)
+    assert [k for k in x if not torch.equal(x[k], y[k])] == []
+    inputs = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    for b_ in bits:
+        quept_hf.set_bits(a, b_)
+        quept_hf.set_bits(b, b_)
+        with torch.no_grad():
+            assert torch.equal(a(inputs).logits, b(inputs).logits), f"logits differ at {b_} bits"
+
+
+@pytest.fixture(scope="module")
+def in_memory(folder) -> torch.nn.Module:
+    return _load(folder)
+
+
+@pytest.fixture(scope="module")
+def offloaded(folder, tmp_path_factory) -> torch.nn.Module:
+    return _load(folder, tmp_path_factory.mktemp("offload"))
+
+
+def test_offloaded_model_keeps_blocks_on_meta(offloaded):
+    assert sorted(offloaded_units(offloaded)) == ["model.layers.1", "model.layers.2"]
+    block = offloaded.model.layers[1]
+    assert {p.device.type for p in block.parameters()} == {"meta"}  # calibrated and written back, not resident
+    assert {p.device.type for p in offloaded.model.layers[0].parameters()} == {"cpu"}
+
+
+def test_calibration_with_disk_offload_is_bit_identical(in_memory, offloaded):
+    _assert_same_model(in_memory, offloaded)
+
+
+def test_streamed_freeze_is_bit_identical(in_memory, offloaded, tmp_path):
+    reference = quept_hf.freeze(in_memory, bits=[2, 4, 8])
+    frozen = AutoModelForCausalLM.from_pretrained(save_frozen(offloaded, tmp_path / "frozen", bits=[2, 4, 8]))
+    _assert_same_model(reference, frozen, bits=(2, 4, 8))
+
+
+def test_streamed_freeze_head_bits(in_memory, tmp_path):
+    reference = quept_hf.freeze(in_memory, bits=[3], head_bits=8)
+    frozen = AutoModelForCausalLM.from_pretrained(save_frozen(in_memory, tmp_path / "f", bits=[3], head_bits=8))
+    _assert_same_model(reference, frozen, bits=(3,))
+
+
+def test_activations_on_disk_are_logged_and_identical(folder, in_memory, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="quept_hf.calibration.engine"):
+        model = _load(folder, tmp_path / "offload", activations_dir=str(tmp_path / "acts"))
+    assert f"memory-mapped in {tmp_path / 'acts'}" in caplog.text
+    _assert_same_model(in_memory, model, bits=(2, 8))
+
+
+def test_plan_says_what_is_where(offloaded):
+    result = plan(offloaded, offloaded.config.quantization_config)
+    text = str(result)
+    assert "on disk" in text and "one block at a time on cpu" in text and "activations" in text
+    assert result.offloaded_weights["disk"] > 0 and result.block_weights > 0
+
+
+def test_plan_refuses_when_one_block_does_not_fit(offloaded, monkeypatch):
+    monkeypatch.setattr(memory, "_free_memory", lambda device: 1000)
+    config = offloaded.config.quantization_config
+    with pytest.raises(MemoryError, match="for ONE block"):
+        plan(offloaded, config, check=True)
+    with pytest.raises(MemoryError, match="for ONE block"):
+        quept_hf.calibrate(offloaded, _ids())
+
+
+def test_device_map_unit_spanning_blocks_is_refused(folder, tmp_path):
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+                  "model.layers": "disk"}  # fmt: skip
+    config = QuEPTConfig(**SETTINGS)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=config, device_map=device_map, offload_folder=str(tmp_path)
+    )
+    with pytest.raises(ValueError, match="holds several calibration blocks"):
+        quept_hf.calibrate(model, _ids())
