@@ -20,7 +20,7 @@ LAYERS = (
     ("config",),  # QuEPTConfig, quept_config(model)
     ("nn", "models", "mbclora", "assets", "calibration.capture", "calibration.data", "calibration.checkpoint",
      "calibration.mbtome", "calibration.reparam", "calibration.rotation", "calibration.smoothing",
-     "calibration.offload", "calibration.plan", "packing",
+     "calibration.offload", "calibration.memory", "packing",
      "packing.codec", "packing.linear", "packing.working", "packing.kernels", "packing.frozen"),  # algorithm
     ("inspection",),  # finding layers and adapters on a model
     ("switch",),  # set_bits / set_adapter
