@@ -276,8 +276,8 @@ def check_loaded_checkpoint(model: nn.Module, config: QuEPTConfig) -> None:
 
 
 def check_adapter_source(peft_model_id: Any) -> None:
-    """Before ``load_adapter``: refuse a folder `save_elastic` wrote (base weights next to the adapter) whose
-    ``config.json`` is gone. transformers would take the base weights from ``adapter_config.json``'s
+    """Before ``load_adapter``: refuse a folder `quept_hf.saving.save_elastic` wrote (base weights next to the adapter)
+    whose ``config.json`` is gone. transformers would take the base weights from ``adapter_config.json``'s
     ``base_model_name_or_path``, the path of the first save, i.e. whatever sits there now."""
     if not isinstance(peft_model_id, (str, os.PathLike)) or not os.path.isdir(peft_model_id):
         return
