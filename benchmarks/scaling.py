@@ -4,7 +4,8 @@ Synthetic Llama configurations (~0.1B, ~0.4B, ~1.5B parameters, random weights, 
 benchmarks/results/scaling-cache/) are loaded with ``device_map`` putting every decoder block on "disk"
 (embeddings, final norm and head stay on the CPU) and ``offload_folder``; then one QuEPT calibration (1 epoch,
 a tiny budget) and a streamed freeze (`quept_hf.packing.stream.save_frozen`). Each size runs in its own process,
-so each peak is its own (``VmHWM``; reset between calibration and freeze through ``/proc/self/clear_refs``).
+so each peak is its own (``VmHWM``, reset after loading and between calibration and freeze through
+``/proc/self/clear_refs``; loading's peak counts the checkpoint's file pages that transformers maps).
 
     python benchmarks/scaling.py            # 0.1B, 0.4B, 1.5B (~25 min on 2 cores)
     python benchmarks/scaling.py --quick    # 0.1B with fewer blocks (~2 min)
@@ -145,6 +146,8 @@ def run_one(name: str, layers: int | None, args) -> dict:
             dtype=torch.float32,
         )  # fmt: skip
         loaded = time.perf_counter()
+        load_peak = _peak_rss()  # transformers maps the checkpoint's files while loading: file pages, evictable
+        _reset_peak()
         plan = quept_hf.calibration.plan(model, qconfig)
         quept_hf.calibrate(model, ids, epochs=1)
         calibrated = time.perf_counter()
@@ -172,6 +175,7 @@ def run_one(name: str, layers: int | None, args) -> dict:
         "block_fp32_MiB": round(block_params * 4 / 2**20),
         "plan_block_peak_MiB": round(plan.block_peak / 2**20),
         "activations_MiB": round(plan.activations / 2**20, 1),
+        "load_peak_rss_GiB": round(load_peak / 2**30, 2),
         "calib_peak_rss_GiB": round(calib_peak / 2**30, 2),
         "rss_first_block_GiB": round(times.marks[0][1] / 2**30, 2) if times.marks else None,
         "rss_last_block_GiB": round(times.marks[-1][1] / 2**30, 2) if times.marks else None,
