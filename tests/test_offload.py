@@ -139,3 +139,8 @@ def test_device_map_unit_spanning_blocks_is_refused(folder, tmp_path):
     )
     with pytest.raises(ValueError, match="holds several calibration blocks"):
         quept_hf.calibrate(model, _ids())
+
+
+def test_freeze_of_an_offloaded_model_points_to_save_frozen(offloaded):
+    with pytest.raises(ValueError, match="save_frozen"):
+        quept_hf.freeze(offloaded)

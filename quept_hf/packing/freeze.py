@@ -171,6 +171,11 @@ def freeze(
     base = unwrap(model)
     config = quept_config(model)
     _check_head_bits(head_bits)
+    if any(p.device.type == "meta" for p in base.parameters()):
+        raise ValueError(
+            "freeze: the model's weights are offloaded (device_map), and freeze builds the frozen model in memory: "
+            "write it block by block with quept_hf.packing.stream.save_frozen(model, folder, bits, plans)"
+        )
     uniform, plan_maps, kept = kept_widths(model, bits, plans)
     by_width: dict[str, dict[int, QuantizedLinear]] = {module: {} for module in kept}
     for b in sorted({b for widths in kept.values() for b in widths}):

@@ -23,20 +23,18 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from ..calibration.offload import has_offloaded, onloaded, stored_tensor
+from ..compat import unwrap
 from ..models import architecture_for
 from ..nn import QuEPTLinear
+from ..serialization import format_record
 from .freeze import HEAD_GROUP_SIZE, _check_head_bits, _frozen_tensors, _head_tensors, frozen_config, kept_widths
-from .freeze import quantize_layers as _quantize_layers
+from .plan import quantize_layers
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["save_frozen"]
 
 INDEX_NAME = "model.safetensors.index.json"
-
-
-def _base(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _plain_name(key: str) -> str | None:
@@ -62,7 +60,7 @@ def _frozen_layers(model: nn.Module, modules: list[str], kept: dict[str, list[in
     """The frozen tensors of ``modules`` (codes, scales, zero points of every kept width, bias)."""
     by_width: dict[str, dict] = {m: {} for m in modules}
     for b in sorted({b for m in modules for b in kept[m]}):
-        for module, q in _quantize_layers(model, {m: b for m in modules if b in kept[m]}).items():
+        for module, q in quantize_layers(model, {m: b for m in modules if b in kept[m]}).items():
             by_width[module][b] = q
     state: dict[str, torch.Tensor] = {}
     for module, widths in by_width.items():
@@ -101,9 +99,7 @@ def save_frozen(
     at a peak memory of one block: for models dispatched by accelerate with their weights offloaded (any model
     works). Load the result with ``from_pretrained(folder)``.
     """
-    from ..serialization import format_record
-
-    base = _base(model)
+    base = unwrap(model)
     config = base.config.quantization_config
     _check_head_bits(head_bits)
     uniform, plan_maps, kept = kept_widths(model, bits, plans)
