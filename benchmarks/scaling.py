@@ -154,7 +154,8 @@ def run_one(name: str, layers: int | None, args) -> dict:
         calib_peak = _peak_rss()
         _reset_peak()
         before_freeze = time.perf_counter()
-        save_frozen(model, work / "frozen", bits=args.freeze_bits)
+        if args.freeze_bits != [0]:
+            save_frozen(model, work / "frozen", bits=args.freeze_bits)
         frozen = time.perf_counter()
         freeze_peak = _peak_rss()
     finally:
@@ -198,7 +199,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--calibrate-blocks", type=int, default=None, help="calibrate the first N blocks only "
                         f"(default: all; {CALIBRATED_BLOCKS})")  # fmt: skip
-    parser.add_argument("--freeze-bits", type=int, nargs="+", default=[4], help="widths the frozen model keeps")
+    parser.add_argument("--freeze-bits", type=int, nargs="+", default=[4], help="kept widths (0: no freeze)")
     parser.add_argument("--smoothing", action="store_true", help="AWQ-style smoothing (off: it dominates the time)")
     parser.add_argument("--work", default=None, help="folder for the offload folders (default: the temp dir)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one size in this process, print its row
