@@ -75,6 +75,12 @@ def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _hidden_size(block: nn.Module) -> int:
+    """Width of the hidden states a block reads: the input width of its first linear layer."""
+    first = next((m for m in block.modules() if isinstance(m, (QuEPTLinear, nn.Linear))), None)
+    return first.in_features if first is not None else 0
+
+
 def _block_bytes(block: nn.Module) -> int:
     return _bytes(t for _, t in named_module_tensors(block, include_buffers=True, recurse=True))
 
@@ -122,10 +128,8 @@ def plan(
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     blocks = [b for chain in architecture_for(model).chains(model, config.quantize_vision_tower) for b in chain.blocks]
-    hidden = model.get_input_embeddings().weight.shape[-1]
-    largest = max(
-        blocks, key=lambda b: _bytes(t for _, t in named_module_tensors(b, include_buffers=True, recurse=True))
-    )
+    largest = max(blocks, key=_block_bytes)
+    hidden = _hidden_size(largest)
     offloaded: dict[str, int] = {}
     device_map = getattr(model, "hf_device_map", None) or {}
     units = offloaded_units(model)
@@ -134,7 +138,8 @@ def plan(
         offloaded[where] = offloaded.get(where, 0) + _bytes(p for _, p in named_module_tensors(unit, recurse=True))
     resident = _bytes(t for t in model.state_dict().values() if t.device.type != "meta")
     streams = len(config.bit_groups) if config.token_merge == "separate" else 1
-    activation = config.num_samples * config.seq_len * hidden * model.get_input_embeddings().weight.element_size()
+    element = next(p for p in largest.parameters() if p.is_floating_point()).element_size()
+    activation = config.num_samples * config.seq_len * hidden * element
     result = MemoryPlan(
         device=device.type,
         resident_weights=resident,

@@ -118,9 +118,14 @@ def _store(loader: object, key: str, tensor: torch.Tensor) -> None:
         loader.all_keys.append(key)
 
 
+def _dat(loader: OffloadedWeightsLoader, key: str) -> str:
+    return os.path.join(loader.save_folder, f"{key}.dat")
+
+
 def _alias(loader: object, key: str, source: str) -> bool:
-    """Make ``key`` read what ``source`` holds (PEFT's ``.base_layer`` renames), without copying data where the
-    loader allows it; False when ``source`` is not stored either."""
+    """Make ``key`` read what ``source`` holds (PEFT's ``.base_layer`` renames) without copying: a safetensors entry
+    gets a second name, a ``.dat`` memmap (named after its key) moves to the new name; False when ``source`` is not
+    stored either."""
     if not _stored(loader, source):
         return False
     if isinstance(loader, OffloadedWeightsLoader) and source in loader.index and source not in loader.state_dict:
@@ -128,8 +133,10 @@ def _alias(loader: object, key: str, source: str) -> bool:
         if entry.get("safetensors_file") is not None:
             loader.index[key] = {"weight_name": source, **entry}
             loader.all_keys.append(key)
-        else:  # a .dat memmap is named after its key: copy it once
-            _store(loader, key, loader[source])
+        else:  # a .dat memmap is named after its key: the file moves to the new name
+            os.replace(_dat(loader, source), _dat(loader, key))
+            loader.index[key] = loader.index.pop(source)
+            loader.all_keys[loader.all_keys.index(source)] = key
         return True
     _store(loader, key, loader[source])
     return True
