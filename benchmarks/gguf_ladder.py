@@ -1,7 +1,7 @@
 """The GGUF ladder of SmolLM2-135M under llama.cpp's own evaluation: llama.cpp's quantizer (with and without an
 importance matrix) against ONE QuEPT calibration exported at every width.
 
-    python benchmarks/gguf_ladder.py            # 7 rungs, QuEPT 16 x 256 tokens 1 epoch (~9 min, cached), ~20 min
+    python benchmarks/gguf_ladder.py            # 7 rungs; QuEPT 16 x 256 tokens, 1 epoch (cached); ~30+25 min
     python benchmarks/gguf_ladder.py --quick    # Q2_K and Q4_1 rungs, QuEPT 4 x 128 tokens, 4 chunks: minutes
 
 Every number comes from llama.cpp's own tools, built once from the vendored sources (`_llama_tools.py`):
@@ -55,14 +55,14 @@ QUICK_RUNGS = "Q2_K,Q4_1"
 def parse_args():
     parser = common.parser(__doc__, threads=2)
     parser.add_argument("--rungs", default=",".join(RUNGS), help=f"llama.cpp types (default all: {','.join(RUNGS)})")
-    parser.add_argument("--chunks", type=int, default=20, help="held-out 512-token chunks for llama-perplexity")
+    parser.add_argument("--chunks", type=int, default=12, help="held-out 512-token chunks for llama-perplexity")
     parser.add_argument("--num-samples", type=int, default=16, help="QuEPT (and imatrix) calibration windows")
     parser.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window")
     parser.add_argument("--epochs", type=int, default=1, help="QuEPT calibration epochs")
     parser.add_argument("--rank", type=int, default=16, help="MB-CLoRA rank each bit group adds")
     parser.add_argument("--group-size", type=int, default=32, help="QuEPT group size at every width (-1: channel)")
-    parser.add_argument("--gen-tokens", type=int, default=64, help="llama-bench decode tokens per repetition")
-    parser.add_argument("--reps", type=int, default=3, help="llama-bench repetitions")
+    parser.add_argument("--gen-tokens", type=int, default=32, help="llama-bench decode tokens per repetition")
+    parser.add_argument("--reps", type=int, default=2, help="llama-bench repetitions")
     parser.add_argument("--jobs", type=int, default=2, help="compile jobs if llama.cpp's tools must be built")
     parser.add_argument("--fresh", action="store_true", help="redo the GGUF files (the calibration stays cached)")
     quick = {"rungs": QUICK_RUNGS, "chunks": 4, "num_samples": 4, "calib_len": 128, "gen_tokens": 16, "reps": 1}
