@@ -7,8 +7,8 @@ a tiny budget) and a streamed freeze (`quept_hf.packing.stream.save_frozen`). Ea
 so each peak is its own (``VmHWM``, reset after loading and between calibration and freeze through
 ``/proc/self/clear_refs``; loading's peak counts the checkpoint's file pages that transformers maps).
 
-    python benchmarks/scaling.py            # 0.1B, 0.4B, 1.5B (~25 min on 2 cores)
-    python benchmarks/scaling.py --quick    # 0.1B with fewer blocks (~2 min)
+    python benchmarks/scaling.py            # 0.1B, 0.4B, 1.5B, every block (~12 min on 2 idle cores)
+    python benchmarks/scaling.py --quick    # 0.1B with 4 blocks (~15 s idle, ~2 min busy)
 """
 
 from __future__ import annotations
@@ -37,9 +37,6 @@ SIZES = {
     "1.5B": (2048, 5632, 32, 16, 4),
 }
 QUICK = {"sizes": ["0.1B"], "layers": 4}
-# Blocks calibrated per size (None: all). On 2 shared cores a 1.5B block takes ~2 min: its first 8 of 32 blocks are
-# calibrated (the rest have the same shapes, so the same cost and memory); the capture pass and freeze see all 32.
-CALIBRATED_BLOCKS = {"1.5B": 8}
 
 
 def _config(name: str, layers: int | None = None):
@@ -131,7 +128,7 @@ def run_one(name: str, layers: int | None, args) -> dict:
     device_map |= {f"model.layers.{i}": "disk" for i in range(depth)}
     ids = torch.randint(0, VOCAB, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
     times = _BlockTimes(common.RESULTS / f"scaling-progress-{name}.json")
-    _limit_blocks(args.calibrate_blocks or CALIBRATED_BLOCKS.get(name))
+    _limit_blocks(args.calibrate_blocks)
     logging.getLogger("quept_hf.calibration.engine").addHandler(times)
     logging.getLogger("quept_hf.calibration.engine").setLevel(logging.DEBUG)
     work = Path(tempfile.mkdtemp(prefix="quept-scaling-", dir=args.work))
@@ -191,14 +188,14 @@ def run_one(name: str, layers: int | None, args) -> dict:
 
 
 def main() -> None:
-    parser = common.parser(__doc__, quick="0.1B with 4 blocks (~2 min)", threads=None)
+    parser = common.parser(__doc__, quick="0.1B with 4 blocks (~15 s idle, ~2 min busy)", threads=None)
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--layers", type=int, default=None, help="blocks per model (default: the size's own)")
     parser.add_argument("--samples", type=int, default=2, help="calibration samples (default 2: one step per block)")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per sample (default 64)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--calibrate-blocks", type=int, default=None, help="calibrate the first N blocks only "
-                        f"(default: all; {CALIBRATED_BLOCKS})")  # fmt: skip
+                        "(default: all; the rest have the same shapes, so the same cost and memory)")  # fmt: skip
     parser.add_argument("--freeze-bits", type=int, nargs="+", default=[4], help="kept widths (0: no freeze)")
     parser.add_argument("--smoothing", action="store_true", help="AWQ-style smoothing (off: it dominates the time)")
     parser.add_argument("--work", default=None, help="folder for the offload folders (default: the temp dir)")
