@@ -17,6 +17,7 @@ import torch
 from accelerate.utils import named_module_tensors
 from torch import nn
 
+from ..compat import unwrap
 from ..config import QuEPTConfig
 from ..models import architecture_for
 from ..nn import QuEPTLinear
@@ -127,7 +128,7 @@ def plan(
 
     ``device`` defaults to CUDA when available, else the CPU. With ``check=True`` a MemoryError names what does not
     fit: one block on the compute device, or (activations in RAM) the activations next to it."""
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model = unwrap(model)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     blocks = [b for chain in architecture_for(model).chains(model, config.quantize_vision_tower) for b in chain.blocks]
     largest = max(blocks, key=_block_bytes)
