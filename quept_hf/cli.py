@@ -157,7 +157,13 @@ def cmd_freeze(args: argparse.Namespace) -> None:
         raise CliError(f"--out {args.out!r} exists and is not an empty folder")
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     plans = None if args.plans == "all" else [p for p in args.plans.split(",") if p]
-    frozen = quept_hf.freeze(model, bits=parse_bits(args.bits), plans=plans)
+    compensation = {}
+    if args.error_compensation:
+        if not os.path.isfile(args.error_compensation):
+            raise CliError(f"--error-compensation {args.error_compensation!r} is not a text file")
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        compensation = {"error_compensation": args.error_compensation, "tokenizer": tokenizer}
+    frozen = quept_hf.freeze(model, bits=parse_bits(args.bits), plans=plans, **compensation)
     with staged_folder(args.out) as staging:
         frozen.save_pretrained(staging)
         quept_hf.hub.write_card_files(frozen, staging)  # the card: kept widths and plans, sizes, quality if measured
@@ -223,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     freeze.add_argument("model", help="folder or Hub id of a saved elastic QuEPT model")
     freeze.add_argument("--bits", default="all", help="bit-widths to keep, e.g. 2,3,4,8 or 2-8 (default: all)")
     freeze.add_argument("--plans", default="all", help="stored plans to keep, comma-separated ('' for none)")
+    freeze.add_argument(
+        "--error-compensation", metavar="FILE", default=None,
+        help="calibration text file: round with GPTQ error compensation on the calibrated grids (same size)",
+    )  # fmt: skip
     freeze.add_argument("--out", required=True)
     freeze.set_defaults(func=cmd_freeze)
 

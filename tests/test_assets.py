@@ -74,6 +74,16 @@ def test_wikipedia_split_disjoint_and_deterministic(articles, monkeypatch) -> No
     assert assets.wikipedia_split(eval_fraction=0.2, seed=1)[1] != evals
 
 
+@needs_gensim
+def test_news_articles_are_real_distinct_and_not_wikipedia(articles) -> None:
+    news = assets.news_articles()
+    assert 300 <= len(news) <= 350 and len(set(news)) == len(news)
+    assert sum(len(text) for text in news) > 300_000
+    assert any("Australia" in text for text in news[:50])  # ABC news, the Lee corpus
+    wiki = "\n".join(text for _, text in articles)
+    assert not any(text[:200] in wiki for text in news)  # another domain: no article shared
+
+
 def test_wikipedia_split_rejects_bad_fraction() -> None:
     with pytest.raises(ValueError):
         assets.wikipedia_split(eval_fraction=1.0)

@@ -20,11 +20,11 @@ LAYERS = (
     ("config",),  # QuEPTConfig, quept_config(model)
     ("nn", "models", "mbclora", "assets", "calibration.capture", "calibration.data", "calibration.checkpoint",
      "calibration.mbtome", "calibration.reparam", "calibration.rotation", "calibration.smoothing",
-     "calibration.offload", "calibration.memory", "packing",
+     "calibration.offload", "calibration.memory", "calibration.gptq", "packing",
      "packing.codec", "packing.linear", "packing.working", "packing.kernels", "packing.frozen"),  # algorithm
     ("inspection",),  # finding layers and adapters on a model
     ("switch",),  # set_bits / set_adapter
-    ("calibration", "calibration.engine", "evaluation", "mixed_precision"),
+    ("calibration", "calibration.engine", "calibration.compensation", "evaluation", "mixed_precision"),
     ("packing.plan", "packing.gguf", "packing.gguf_blocks", "packing.interop", "packing.freeze", "packing.stream",
      "packing.export", "serialization"),  # storage formats
     ("hub",),  # metadata and model cards

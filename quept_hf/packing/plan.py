@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..calibration.gptq import compensated_weight_codes
 from ..compat import unwrap
 from ..config import MAX_BITS, MIN_BITS, QuEPTConfig, quept_config
 from ..inspection import elastic_adapter, quept_linears
@@ -119,20 +120,36 @@ def expand_plan(mapping: dict[str, int], modules: list[str], default: int) -> di
 
 
 @torch.no_grad()
-def quantize_layers(model: nn.Module, plan: dict[str, int]) -> dict[str, QuantizedLinear]:
-    """Codes, scales and zero points of every planned layer, exactly as its fake-quant forward would use."""
+def quantize_layers(
+    model: nn.Module, plan: dict[str, int], hessians: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, QuantizedLinear]:
+    """Codes, scales and zero points of every planned layer, exactly as its fake-quant forward would use.
+
+    With ``hessians`` (``{module: input Hessian}`` at the planned width), the layers named there are rounded with
+    GPTQ error compensation on the same grid (`quept_hf.calibration.gptq`) instead of to nearest.
+    """
     base = unwrap(model)
     layers = quept_linears(base)
     adapters = {id(m.base_layer): m for m in base.modules() if isinstance(m, MBCLoRALayer)}
-    return {name: _quantize(layers[name], adapters.get(id(layers[name])), bits) for name, bits in plan.items()}
+    hessians = hessians or {}
+    return {
+        name: _quantize(layers[name], adapters.get(id(layers[name])), bits, hessians.get(name))
+        for name, bits in plan.items()
+    }
 
 
-def _quantize(layer: QuEPTLinear, adapter: MBCLoRALayer | None, bits: int) -> QuantizedLinear:
+def _quantize(
+    layer: QuEPTLinear, adapter: MBCLoRALayer | None, bits: int, hessian: torch.Tensor | None = None
+) -> QuantizedLinear:
     weight = layer.weight
     if adapter is not None and not (adapter.disable_adapters or adapter.merged):
         weight = weight + adapter.delta_weight(bits).to(weight.dtype)  # as QuEPTLinear.quantized_weight does
     key, group_size = str(bits), layer.group_size[bits]
-    codes, scales, zeros = quantize_weight_codes(weight, bits, layer.clip_upper[key], layer.clip_lower[key], group_size)
+    clipping = (layer.clip_upper[key], layer.clip_lower[key])
+    if hessian is None:
+        codes, scales, zeros = quantize_weight_codes(weight, bits, *clipping, group_size)
+    else:
+        codes, scales, zeros = compensated_weight_codes(weight, hessian, bits, *clipping, group_size)
     act_bits, act_log_step = None, None
     if layer.quantize_activations:
         act_bits = layer.activation_bits if layer.activation_bits is not None else bits
