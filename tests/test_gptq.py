@@ -39,12 +39,12 @@ def dequantize(codes, scales, zeros, group_size):
     return (scales.unsqueeze(-1) * (grouped - zeros.unsqueeze(-1))).reshape(codes.shape[0], -1)[:, : codes.shape[1]]
 
 
-def reference_gptq(weight, hessian, bits, upper, lower, group_size, act_order=True, damping=0.01):
-    """GPTQ (Frantar et al., Algorithm 1) one column at a time, on a fixed ("static") grid."""
+def reference_gptq(weight, hessian, bits, upper, lower, group_size, act_order=True, damping=0.01, target=None):
+    """GPTQ (Frantar et al., Algorithm 1) one column at a time, on a fixed ("static") grid: that of ``weight``."""
     scale, zero = weight_qparams(weight, bits, upper, lower, group_size)
     groups = scale.shape[1]
     size = weight.shape[1] if groups == 1 else group_size
-    w, h = weight.clone().double(), hessian.clone().double()
+    w, h = (weight if target is None else target).clone().double(), hessian.clone().double()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(w.shape[1])
@@ -81,6 +81,20 @@ def test_codes_match_the_column_by_column_reference(bits, group_size, act_order)
     assert torch.equal(scales, plain_scales) and torch.equal(zeros, plain_zeros)  # the calibrated grid, unchanged
 
 
+def test_codes_reproduce_the_target_on_the_grid_of_the_weight():
+    """freeze's use: the grid of W + ΔW_b, the outputs of the float W."""
+    torch.manual_seed(3)
+    weight, delta = torch.randn(12, 96), 0.05 * torch.randn(12, 96)
+    x = correlated_inputs(256, 96, seed=4)
+    hessian = 2 * x.T @ x / x.shape[0]
+    logit = torch.full((12, 3), 2.5)
+    codes, scales, _ = compensated_weight_codes(weight + delta, hessian, 3, logit, logit, 32, target=weight)
+    expected = reference_gptq(weight + delta, hessian, 3, logit, logit, 32, target=weight)
+    assert (codes == expected).float().mean().item() > 0.999
+    assert torch.equal(scales, quantize_weight_codes(weight + delta, 3, logit, logit, 32)[1])
+    assert not torch.equal(codes, compensated_weight_codes(weight + delta, hessian, 3, logit, logit, 32)[0])
+
+
 def test_uncorrelated_inputs_give_plain_rounding():
     """A diagonal Hessian couples no columns: nothing to compensate, the codes ARE round-to-nearest."""
     torch.manual_seed(1)
@@ -113,13 +127,15 @@ def test_bad_hessian_shape_is_refused():
 
 
 def test_input_hessians_are_the_mean_outer_product_over_calls():
-    layer = torch.nn.Linear(6, 3)
+    layer, sibling, scaled = torch.nn.Linear(6, 3), torch.nn.Linear(6, 2), torch.nn.Linear(6, 2)
     xs = [torch.randn(2, 5, 6), torch.randn(7, 6)]
-    with InputHessians({"layer": layer}) as collected:
+    inputs = lambda module, x: 3 * x if module is scaled else x  # noqa: E731
+    with InputHessians({"layer": layer, "sibling": sibling, "scaled": scaled}, inputs=inputs) as collected:
         for x in xs:
-            layer(x)
+            layer(x), sibling(x), scaled(x)  # siblings reading one tensor share its product
     flat = torch.cat([x.reshape(-1, 6) for x in xs])
-    torch.testing.assert_close(collected.hessians["layer"], 2 * flat.T @ flat / flat.shape[0])
+    for name, factor in (("layer", 1), ("sibling", 1), ("scaled", 9)):
+        torch.testing.assert_close(collected.hessians[name], factor * 2 * flat.T @ flat / flat.shape[0])
     layer(xs[0])  # hooks are gone after the block
     assert collected.counts["layer"] == flat.shape[0]
 
@@ -146,7 +162,9 @@ def test_freeze_with_error_compensation(elastic):
             assert torch.equal(layer.scales[str(b)], other.scales[str(b)])  # same grid, same format
             changed += int(not torch.equal(layer.qweight[str(b)], other.qweight[str(b)]))
     assert changed > 0
-    for b in (2, 3):
+    for name, layer in frozen_linears(compensated).items():  # 2 bits keep plain rounding (COMPENSATED_MIN_BITS)
+        assert torch.equal(layer.qweight["2"], frozen_linears(plain)[name].qweight["2"])
+    for b in (3, 4):
         plain.set_adapter(f"w{b}")
         compensated.set_adapter(f"w{b}")
         plain_error = (logits(plain, data) - reference).pow(2).mean()

@@ -35,11 +35,14 @@ def compensated_weight_codes(
     *,
     act_order: bool = True,
     damping: float = DAMPING,
+    target: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes (out, in) uint8 and the (out, groups) scale and zero point, as `quantize_weight_codes` returns them.
 
     ``hessian`` is the (in, in) input Hessian of the layer (`InputHessians`); ``act_order`` rounds the columns of
     largest Hessian diagonal first (GPTQ's "act-order": the error then lands on the columns that matter least).
+    ``target``: the weight whose outputs the codes should reproduce, when it is not ``weight`` (whose grid they
+    take): e.g. the float weight, for a grid learned on ``W + ΔW``.
     """
     out_features, in_features = weight.shape
     if hessian.shape != (in_features, in_features):
@@ -48,7 +51,7 @@ def compensated_weight_codes(
     column_group = _column_groups(in_features, group_size)
     col_scale = scale[:, column_group, 0].float()  # (out, in): each column's scale and zero point
     col_zero = zero[:, column_group, 0].float()
-    work = weight.detach().float().clone()
+    work = (weight if target is None else target).detach().float().clone()
     h = hessian.detach().float().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
@@ -100,6 +103,7 @@ class InputHessians:
         self.hessians: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self._handles: list = []
+        self._last: tuple | None = None  # (input tensor, X^T X, rows) of the last call, shared by its siblings
 
     def __enter__(self) -> InputHessians:
         for name, layer in self.layers.items():
@@ -107,19 +111,25 @@ class InputHessians:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._last = None
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
     def _hook(self, name: str):
         def accumulate(layer: nn.Module, args: tuple) -> None:
-            x = self.inputs(layer, args[0]).detach().float()
-            x = x.reshape(-1, x.shape[-1])
+            x = self.inputs(layer, args[0])
+            if x is args[0] and self._last is not None and self._last[0] is x:
+                update, rows = self._last[1:]  # q/k/v (gate/up) read the same tensor: one product for all
+            else:
+                flat = x.detach().float().reshape(-1, x.shape[-1])
+                update, rows = flat.T @ flat, flat.shape[0]
+                self._last = (x, update, rows) if x is args[0] else None
             seen = self.counts.get(name, 0)
-            total = seen + x.shape[0]
+            total = seen + rows
             previous = self.hessians.get(name)
-            update = (2.0 / total) * (x.T @ x)
-            self.hessians[name] = update if previous is None else previous * (seen / total) + update
+            scaled = update * (2.0 / total)
+            self.hessians[name] = scaled if previous is None else previous * (seen / total) + scaled
             self.counts[name] = total
 
         return accumulate
