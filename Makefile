@@ -25,14 +25,15 @@ $(STAMP): pyproject.toml
 
 # llama.cpp for the GGUF export's engine tests (tests/test_gguf.py): the `gguf-engine` extra, llama-cpp-python, which
 # pip builds from source with cmake (~25-40 min on 2 cores the first time; pip's wheel cache makes a reinstall take
-# seconds). GGML_NATIVE=OFF with the x86 features listed and AMX off: these machines list AMX, but its instructions
-# fault, and a native build dies with SIGILL on any quantized model. The wheel cache does not key on CMAKE_ARGS: after
-# changing them, `pip cache remove llama_cpp_python` first. A failed build does not fail `make venv`: it prints the
-# reason and the engine tests skip with theirs (retry with `make gguf-engine`).
-LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
-	-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+# seconds). The CPU switches come from benchmarks/_llama_tools.py --cmake-args (one place, also used for the tools):
+# GGML_NATIVE=OFF and AMX off (these machines list AMX, but its instructions fault, and a native build dies with
+# SIGILL on any quantized model), each x86 feature on exactly when /proc/cpuinfo lists it (an AVX512 build dies the
+# same way on an AVX2-only machine). The wheel cache does not key on CMAKE_ARGS: a wheel cached on another CPU is
+# reused as it is; the engine tests then probe it in a child process and skip with the reason
+# (`pip cache remove llama_cpp_python && make gguf-engine` rebuilds). A failed build does not fail `make venv`: it
+# prints the reason and the engine tests skip with theirs (retry with `make gguf-engine`).
 gguf-engine:
-	@CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q -e ".[gguf-engine]" \
+	@CMAKE_ARGS="$$($(PY) benchmarks/_llama_tools.py --cmake-args)" $(PY) -m pip install -q -e ".[gguf-engine]" \
 		|| echo "WARNING: llama-cpp-python did not build (pip's error above): the llama.cpp engine tests will skip"
 
 test: venv

@@ -7,8 +7,9 @@ Not a benchmark itself (the leading underscore keeps it out of `make bench`). Th
 llama-cpp-python release installed in the venv (the one the engine tests use), fetched with pip's own client
 (``pip download --no-binary :all:``) and unpacked under ``benchmarks/.llama-tools/src``; nothing is downloaded as
 a binary. ``LLAMA_CPP_SRC=/path/to/llama.cpp`` uses a source tree already on disk instead. The build goes to
-``benchmarks/.llama-tools/build`` (git-ignored) with the Makefile's CPU flags: no native build and AMX off, since
-these machines list AMX but fault on its instructions (a native build dies with SIGILL on any quantized model).
+``benchmarks/.llama-tools/build`` (git-ignored) with this CPU's features (`cpu_cmake_args`, which
+`make gguf-engine` uses too): no native build and AMX off, since these machines list AMX but fault on its
+instructions (a native build dies with SIGILL on any quantized model), and AVX512 only where the CPU has it.
 The same sources give ``convert_hf_to_gguf.py`` and its gguf-py, which the ladder uses for the float files.
 """
 
@@ -27,11 +28,28 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent / ".llama-tools"
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench")
 DEFAULT_VERSION = "0.3.36"  # the release the project's engine tests were checked against
+# ggml's x86 switches and the /proc/cpuinfo flag each needs. AMX stays off: these machines list it but fault on it.
+CPU_FEATURES = {
+    "AVX": "avx", "AVX2": "avx2", "FMA": "fma", "F16C": "f16c", "AVX512": "avx512f", "AVX512_VNNI": "avx512_vnni",
+    "AVX512_BF16": "avx512_bf16",
+}  # fmt: skip
+
+
+def cpu_cmake_args(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """ggml's CPU switches for THIS machine: no native build (it enables the faulting AMX), each x86 feature on
+    exactly when the CPU lists it (a build with AVX512 dies with SIGILL on an AVX2-only machine)."""
+    try:
+        with open(cpuinfo) as handle:
+            flags = set(next((line for line in handle if line.startswith("flags")), "").split())
+    except OSError:
+        flags = set()
+    switches = [f"-DGGML_{name}={'ON' if flag in flags else 'OFF'}" for name, flag in CPU_FEATURES.items()]
+    return ["-DGGML_NATIVE=OFF", *switches, "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+
+
 CMAKE_FLAGS = [
     *("-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"),
-    *("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_AVX512=ON"),
-    *("-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON"),
-    *("-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"),  # AMX faults on these machines
+    *cpu_cmake_args(),
 ]
 
 
@@ -141,7 +159,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default 2; 1 beside other work)")
     parser.add_argument("--convert", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)  # used by convert()
     parser.add_argument("--vocab-from", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--cmake-args", action="store_true", help="print this CPU's ggml switches (make gguf-engine)")
     args = parser.parse_args()
+    if args.cmake_args:
+        return print(" ".join(cpu_cmake_args()))
     if args.convert is not None:
         return _run_converter(args.convert, args.vocab_from)
     for name, path in ensure(args.jobs).items():

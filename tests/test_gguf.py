@@ -19,7 +19,10 @@ on 2 busy cores, seconds from pip's wheel cache).
 
 from __future__ import annotations
 
+import functools
 import os
+import subprocess
+import sys
 
 import gguf
 import numpy as np
@@ -29,7 +32,7 @@ from gguf import GGMLQuantizationType as QType
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import quept_hf
-from quept_hf import QuEPTConfig
+from quept_hf import QuEPTConfig, assets
 from quept_hf.packing import gguf_blocks as blocks
 from quept_hf.packing.gguf import export_gguf, gguf_summary, gguf_type, permute_rows
 from quept_hf.packing.plan import quantize_layers, resolve_plan
@@ -384,21 +387,52 @@ def test_cli_export_gguf_writes_one_file_per_width(elastic, tmp_path):
 ENGINE_TYPES = {2: "Q4_0", 4: "Q4_1", 5: "Q5_1", 8: "Q8_0"}
 
 
-def llama_cpp_or_skip():
+# A build for another CPU (a cached wheel with AVX512 on a machine without it) imports fine and dies with SIGILL
+# in its first quantized matmul, taking the pytest worker down: one token of the real Q4_1 SmolLM2 file is run in
+# a child process first.
+ENGINE_PROBE = """
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=16, n_threads=1, verbose=False)
+llm.eval([1, 2])
+"""
+
+
+@functools.cache
+def engine_problem() -> str | None:
+    """Why llama.cpp cannot run here, or None."""
     try:
-        import llama_cpp
+        import llama_cpp  # noqa: F401
     except (ImportError, OSError) as error:  # OSError: the shared library failed to load
-        pytest.skip(f"llama_cpp is not importable ({error}); pip install 'quept-hf[gguf-engine]' builds it")
+        return f"llama_cpp is not importable ({error}); pip install 'quept-hf[gguf-engine]' builds it"
+    try:
+        probe_file = os.path.join(*assets.smollm2_gguf())
+    except (ImportError, FileNotFoundError):
+        return None  # no quantized file to probe with: trust the import
+    run = subprocess.run([sys.executable, "-c", ENGINE_PROBE, probe_file], capture_output=True, timeout=300)
+    if run.returncode != 0:
+        return (
+            f"llama.cpp crashed on a Q4_1 model (exit {run.returncode}; -4 is SIGILL: built for another CPU, e.g. a "
+            "cached wheel with AVX512). Rebuild: pip cache remove llama_cpp_python && make gguf-engine"
+        )
+    return None
+
+
+def llama_cpp_or_skip():
+    problem = engine_problem()
+    if problem is not None:
+        pytest.skip(problem)
+    import llama_cpp
+
     return llama_cpp
 
 
 def assert_engine_agrees(model, bits, path, ids: list[int], tolerance: float = 0.02) -> None:
     """When llama.cpp is installed: its logits of ``path`` within ``tolerance`` of the logits' range of quept_hf's
     model at ``bits`` (a width or plan). Without llama.cpp the other checks of the caller stand alone."""
-    try:
-        import llama_cpp
-    except (ImportError, OSError):
+    if engine_problem() is not None:
         return
+    import llama_cpp
+
     quept_hf.set_bits(model, bits)
     with torch.no_grad():
         expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
@@ -493,8 +527,6 @@ def test_smollm2_w4_file_tokenizes_and_answers_in_llama_cpp(smollm2_dir, tmp_pat
     """
     from transformers import AutoTokenizer
 
-    from quept_hf import assets
-
     llama_cpp = llama_cpp_or_skip()
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     ids = tokenizer(SMOL_TEXT)["input_ids"]
@@ -527,7 +559,6 @@ def test_hf_tokenizer_vocab_equals_smollm2_source_gguf(smollm2_dir, tmp_path):
     ``tokenizer.*`` field of SmolLM2's own GGUF: tokens, types, merges, pre-tokenizer, special ids, template."""
     from transformers import AutoTokenizer
 
-    from quept_hf import assets
     from quept_hf.packing.gguf import _add_hf_vocab
 
     path = tmp_path / "vocab.gguf"
