@@ -30,8 +30,9 @@ $(STAMP): pyproject.toml
 # SIGILL on any quantized model), each x86 feature on exactly when /proc/cpuinfo lists it (an AVX512 build dies the
 # same way on an AVX2-only machine). The wheel cache does not key on CMAKE_ARGS: a wheel cached on another CPU is
 # reused as it is; the engine tests then probe it in a child process and skip with the reason
-# (`pip cache remove llama_cpp_python && make gguf-engine` rebuilds). A failed build does not fail `make venv`: it
-# prints the reason and the engine tests skip with theirs (retry with `make gguf-engine`).
+# (`.venv/bin/pip uninstall -y llama-cpp-python && .venv/bin/pip cache remove llama_cpp_python && make gguf-engine`
+# rebuilds). A failed build does not fail `make venv`: it prints the reason and the engine tests skip with theirs
+# (retry with `make gguf-engine`).
 gguf-engine:
 	@CMAKE_ARGS="$$($(PY) benchmarks/_llama_tools.py --cmake-args)" $(PY) -m pip install -q -e ".[gguf-engine]" \
 		|| echo "WARNING: llama-cpp-python did not build (pip's error above): the llama.cpp engine tests will skip"

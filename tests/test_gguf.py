@@ -412,7 +412,8 @@ def engine_problem() -> str | None:
     if run.returncode != 0:
         return (
             f"llama.cpp crashed on a Q4_1 model (exit {run.returncode}; -4 is SIGILL: built for another CPU, e.g. a "
-            "cached wheel with AVX512). Rebuild: pip cache remove llama_cpp_python && make gguf-engine"
+            "cached wheel with AVX512). Rebuild: pip uninstall -y llama-cpp-python && pip cache remove "
+            "llama_cpp_python && make gguf-engine"
         )
     return None
 
