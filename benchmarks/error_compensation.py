@@ -7,7 +7,8 @@ For each bit-width, held-out perplexity on Wikipedia articles not used for calib
 (another domain, `quept_hf.assets.news_articles`) of:
   rtn           round-to-nearest, the uncalibrated QuEPT grid (the spec's initial clipping);
   gptq          GPTQ on that same grid (`quept_hf.freeze(uncalibrated, error_compensation=texts)`: act-order,
-                static groups; group 128 at 2-3 bits, per channel above, as QuEPT's defaults);
+                static groups; group 128 at 2-3 bits, per channel above, as QuEPT's defaults; 2 bits keep plain
+                rounding, `quept_hf.packing.freeze.COMPENSATED_MIN_BITS`);
   quept         the calibrated elastic model (MB-CLoRA deltas + per-bit clipping, rounding to nearest);
   quept+gptq    the same model frozen with error compensation: GPTQ on its calibrated grid.
 The same calibration windows (the calibrated model's ``num_samples`` x ``seq_len`` draws) feed GPTQ, and each
@@ -36,19 +37,15 @@ def parse_args():
     return parser.parse_args()
 
 
-def cpu_seconds() -> float:
-    return time.process_time()
-
-
 def evaluate(smol, model, bits: int, windows: int) -> dict[str, float]:
     quept_hf.set_bits(model, bits)
     return {corpus: smol.perplexity(model, windows, corpus) for corpus in CORPORA}
 
 
 def frozen_with_compensation(model, smol, bits: list[int]) -> tuple[torch.nn.Module, float]:
-    start = cpu_seconds()
+    start = time.process_time()
     frozen = quept_hf.freeze(model, bits=bits, plans=[], error_compensation=smol.calib_texts, tokenizer=smol.tokenizer)
-    return frozen, cpu_seconds() - start
+    return frozen, time.process_time() - start
 
 
 def main() -> None:

@@ -1,10 +1,10 @@
 """The input Hessians error-compensated freezing needs: one pass of calibration data per kept bit-width.
 
-`quept_hf.freeze(model, error_compensation=data)` rounds each layer's ``W + ΔW_b`` with GPTQ
-(`quept_hf.calibration.gptq`) instead of to nearest. GPTQ weighs a layer's rounding errors by what the layer
-receives, so this module runs the ELASTIC model at each width ``b`` over the calibration windows and accumulates,
-for every layer that keeps ``b``, the Hessian of its (transformed, activation-quantized) input: the inputs the
-deployed width-``b`` model gives the layer, quantization of the layers before it included.
+`quept_hf.freeze(model, error_compensation=data)` picks each layer's codes on the calibrated grid of ``W + ΔW_b``
+with GPTQ (`quept_hf.calibration.gptq`) instead of rounding to nearest. GPTQ weighs a layer's rounding errors by
+what the layer receives, so this module runs the ELASTIC model at each width ``b`` over the calibration windows
+and accumulates, for every layer that keeps ``b``, the Hessian of its (transformed, activation-quantized) input:
+the inputs the deployed width-``b`` model gives the layer, quantization of the layers before it included.
 """
 
 from __future__ import annotations
