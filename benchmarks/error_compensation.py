@@ -10,7 +10,9 @@ For each bit-width, held-out perplexity on Wikipedia articles not used for calib
                 static groups; group 128 at 2-3 bits, per channel above, as QuEPT's defaults; 2 bits keep plain
                 rounding, `quept_hf.packing.freeze.COMPENSATED_MIN_BITS`);
   quept         the calibrated elastic model (MB-CLoRA deltas + per-bit clipping, rounding to nearest);
-  quept+gptq    the same model frozen with error compensation: GPTQ on its calibrated grid.
+  quept+gptq    the same model frozen with error compensation, GPTQ on its calibrated grid only;
+  quept+search  the default compensated freeze: each row keeps the calibrated grid or the float weight's min/max
+                grid, whichever GPTQ reproduces the row's outputs better with (`quept_hf.packing.plan.GRID_SEARCH`).
 The same calibration windows (the calibrated model's ``num_samples`` x ``seq_len`` draws) feed GPTQ, and each
 row reports the CPU seconds of freezing. Writes benchmarks/results/error_compensation.csv (and .png).
 """
@@ -25,6 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import quept_hf
+from quept_hf.packing import plan
 
 CORPORA = ("wiki", "news")
 
@@ -34,6 +37,8 @@ def parse_args():
     parser.add_argument("--calibrated", required=True, help="folder of a calibrated elastic SmolLM2 (save_pretrained)")
     parser.add_argument("--bits", default="2,3,4,5,6,8", help="bit-widths to evaluate, comma-separated")
     parser.add_argument("--windows", type=int, default=16, help="512-token evaluation windows per corpus")
+    parser.add_argument("--quept-only", action="store_true", help="leave rtn and gptq out (e.g. single-bit models)")
+    parser.add_argument("--tag", default="", help="suffix of the CSV name (keeps runs apart)")
     return parser.parse_args()
 
 
@@ -42,9 +47,14 @@ def evaluate(smol, model, bits: int, windows: int) -> dict[str, float]:
     return {corpus: smol.perplexity(model, windows, corpus) for corpus in CORPORA}
 
 
-def frozen_with_compensation(model, smol, bits: list[int]) -> tuple[torch.nn.Module, float]:
-    start = time.process_time()
-    frozen = quept_hf.freeze(model, bits=bits, plans=[], error_compensation=smol.calib_texts, tokenizer=smol.tokenizer)
+def frozen_with_compensation(model, smol, bits: list[int], grid_search: bool) -> tuple[torch.nn.Module, float]:
+    start, default = time.process_time(), plan.GRID_SEARCH
+    plan.GRID_SEARCH = grid_search
+    try:
+        texts = smol.calib_texts
+        frozen = quept_hf.freeze(model, bits=bits, plans=[], error_compensation=texts, tokenizer=smol.tokenizer)
+    finally:
+        plan.GRID_SEARCH = default
     return frozen, time.process_time() - start
 
 
@@ -59,30 +69,33 @@ def main() -> None:
         mode=settings.mode, bits=settings.bits, bit_groups=settings.bit_groups, group_size=settings.group_size,
         num_samples=settings.num_samples, seq_len=settings.seq_len, smoothing=False,
     )  # fmt: skip
-    rtn = smol.load(same_grid)
-    rtn_frozen, rtn_seconds = frozen_with_compensation(rtn, smol, bits)
-    quept_frozen, quept_seconds = frozen_with_compensation(calibrated, smol, bits)
+    models, seconds = {}, {}
+    if not args.quept_only:
+        models["rtn"] = smol.load(same_grid)
+        models["gptq"], seconds["gptq"] = frozen_with_compensation(models["rtn"], smol, bits, grid_search=False)
+    models["quept"] = calibrated
+    models["quept+gptq"], seconds["quept+gptq"] = frozen_with_compensation(calibrated, smol, bits, grid_search=False)
+    models["quept+search"], seconds["quept+search"] = frozen_with_compensation(calibrated, smol, bits, True)
 
     rows = []
     for b in bits:
         row = {"bits": b}
-        models = {"rtn": rtn, "gptq": rtn_frozen, "quept": calibrated, "quept+gptq": quept_frozen}
         for name, model in models.items():
             for corpus, value in evaluate(smol, model, b, args.windows).items():
                 row[f"{name} {corpus}"] = round(value, 2)
         rows.append(row)
         logging.info("%s", row)
-    header = [f"{name} {corpus}" for name in ("rtn", "gptq", "quept", "quept+gptq") for corpus in CORPORA]
+    header = [f"{name} {corpus}" for name in models for corpus in CORPORA]
     print(f"\nSmolLM2-135M, {settings.num_samples} x {settings.seq_len} calibration tokens; perplexity on "
           f"{args.windows} x 512 tokens of held-out Wikipedia / news")  # fmt: skip
-    print(f"freeze with error compensation: {rtn_seconds:.0f} CPU-s (RTN grid), {quept_seconds:.0f} CPU-s (QuEPT)\n")
+    print("freeze with error compensation, CPU-s: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + "\n")
     print("bits | " + " | ".join(f"{h:>16}" for h in header))
     for row in rows:
         print(f"{row['bits']:>4} | " + " | ".join(f"{row[h]:>16.2f}" for h in header))
     for row in rows:
-        row.update({"gptq cpu_s": round(rtn_seconds), "quept+gptq cpu_s": round(quept_seconds)})
+        row.update({f"{name} cpu_s": round(value) for name, value in seconds.items()})
     plot = common.Plot("bits", header, log=True, title="SmolLM2-135M: error-compensated freezing", ylabel="perplexity")
-    common.write_results("error_compensation", rows, plot)
+    common.write_results(f"error_compensation{args.tag}", rows, plot)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,32 @@ def test_codes_reproduce_the_target_on_the_grid_of_the_weight():
     assert not torch.equal(codes, compensated_weight_codes(weight + delta, hessian, 3, logit, logit, 32)[0])
 
 
+def row_errors(weight, codes, scales, zeros, group_size, hessian):
+    error = weight - dequantize(codes, scales, zeros, group_size)
+    return ((error @ hessian) * error).sum(dim=1)
+
+
+def test_grid_search_keeps_each_rows_better_grid():
+    """Per row, the min/max grid of the target or the calibrated one, whichever GPTQ reproduces better."""
+    torch.manual_seed(5)
+    weight = torch.randn(40, 96)
+    x = correlated_inputs(512, 96, seed=6)
+    hessian = 2 * x.T @ x / x.shape[0]
+    logit = torch.full((40, 3), 2.5)
+    logit[:20] = 0.0  # half the rows clipped to half their range: the min/max grid suits those better
+    full = torch.full_like(logit, float("inf"))
+    calibrated = compensated_weight_codes(weight, hessian, 3, logit, logit, 32)
+    minmax = compensated_weight_codes(weight, hessian, 3, full, full, 32)
+    best = compensated_weight_codes(weight, hessian, 3, logit, logit, 32, grid_search=True)
+    errors = [row_errors(weight, *result, 32, hessian) for result in (calibrated, minmax, best)]
+    torch.testing.assert_close(errors[2], torch.minimum(errors[0], errors[1]))
+    took_minmax = errors[1] < errors[0]
+    assert 0 < took_minmax.sum() < 40 and took_minmax[:20].all()  # the clipped rows moved, not all rows did
+    for got, from_minmax, from_calibrated in zip(best, minmax, calibrated, strict=True):
+        assert torch.equal(got[took_minmax], from_minmax[took_minmax])
+        assert torch.equal(got[~took_minmax], from_calibrated[~took_minmax])
+
+
 def test_uncorrelated_inputs_give_plain_rounding():
     """A diagonal Hessian couples no columns: nothing to compensate, the codes ARE round-to-nearest."""
     torch.manual_seed(1)
@@ -157,9 +183,12 @@ def test_freeze_with_error_compensation(elastic):
     assert get_bits(elastic) == 16  # the passes over the data leave the model's width as it was
     changed = 0
     for name, layer in frozen_linears(compensated).items():
-        other = frozen_linears(plain)[name]
-        for b in (2, 3, 4):
-            assert torch.equal(layer.scales[str(b)], other.scales[str(b)])  # same grid, same format
+        other, weight = frozen_linears(plain)[name], quept_linears(elastic)[name].weight
+        for b in (3, 4):  # each row keeps its calibrated grid or takes the float weight's min/max grid
+            full = torch.full(other.scales[str(b)].shape, float("inf"))
+            minmax = weight_qparams(weight, b, full, full, layer.group_size[b])[0].squeeze(-1)
+            same, moved = (layer.scales[str(b)] == other.scales[str(b)]).all(1), (layer.scales[str(b)] == minmax).all(1)
+            assert (same | moved).all()
             changed += int(not torch.equal(layer.qweight[str(b)], other.qweight[str(b)]))
     assert changed > 0
     for name, layer in frozen_linears(compensated).items():  # 2 bits keep plain rounding (COMPENSATED_MIN_BITS)

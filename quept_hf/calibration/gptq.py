@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn.functional import num_groups, weight_qparams
+from ..nn.functional import group_width, weight_qparams
 
 __all__ = ["InputHessians", "compensated_weight_codes"]
 
@@ -36,6 +36,7 @@ def compensated_weight_codes(
     act_order: bool = True,
     damping: float = DAMPING,
     target: torch.Tensor | None = None,
+    grid_search: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes (out, in) uint8 and the (out, groups) scale and zero point, as `quantize_weight_codes` returns them.
 
@@ -43,28 +44,55 @@ def compensated_weight_codes(
     largest Hessian diagonal first (GPTQ's "act-order": the error then lands on the columns that matter least).
     ``target``: the weight whose outputs the codes should reproduce, when it is not ``weight`` (whose grid they
     take): e.g. the float weight, for a grid learned on ``W + ΔW``.
+    ``grid_search``: also run GPTQ on the min/max grid of ``target`` and keep, ROW by row, the grid whose codes
+    reproduce the row's outputs better (``e H e^T``, exact per row: GPTQ treats rows independently). Scales and
+    zero points stay one pair per (row, group), so the format is unchanged.
     """
     out_features, in_features = weight.shape
     if hessian.shape != (in_features, in_features):
         raise ValueError(f"hessian has shape {tuple(hessian.shape)}; the layer needs ({in_features}, {in_features})")
-    scale, zero = weight_qparams(weight, bits, upper_logit, lower_logit, group_size)  # the grid plain rounding uses
-    column_group = _column_groups(in_features, group_size)
-    col_scale = scale[:, column_group, 0].float()  # (out, in): each column's scale and zero point
-    col_zero = zero[:, column_group, 0].float()
-    work = (weight if target is None else target).detach().float().clone()
+    target = (weight if target is None else target).detach().float()
+    grids = [weight_qparams(weight, bits, upper_logit, lower_logit, group_size)]  # the grid plain rounding uses
+    if grid_search:
+        full = torch.full_like(upper_logit, float("inf"))  # sigmoid(inf) = 1: the whole min/max range
+        grids.append(weight_qparams(target, bits, full, full, group_size))
+    column_group = torch.arange(in_features) // group_width(in_features, group_size)
+    col_scale = torch.cat([scale[:, column_group, 0] for scale, _ in grids]).float()  # (rows, in), rows stacked
+    col_zero = torch.cat([zero[:, column_group, 0] for _, zero in grids]).float()
+    codes = _gptq(target.repeat(len(grids), 1), hessian, col_scale, col_zero, bits, act_order, damping)
+    scale, zero = (torch.cat([g[i] for g in grids]).squeeze(-1) for i in (0, 1))
+    if len(grids) > 1:
+        error = target.repeat(len(grids), 1) - col_scale * (codes - col_zero)
+        row_error = ((error @ hessian.float()) * error).sum(dim=1).reshape(len(grids), out_features)
+        rows = torch.arange(out_features) + out_features * row_error.argmin(dim=0)  # each row's better grid
+        codes, scale, zero = codes[rows], scale[rows], zero[rows]
+    return codes.to(torch.uint8), scale, zero
+
+
+def _gptq(
+    work: torch.Tensor,
+    hessian: torch.Tensor,
+    col_scale: torch.Tensor,
+    col_zero: torch.Tensor,
+    bits: int,
+    act_order: bool,
+    damping: float,
+) -> torch.Tensor:
+    """GPTQ's column loop on ``work`` (rows, in) with a fixed per-column grid: the codes, as float (rows, in)."""
+    rows, in_features = work.shape
     h = hessian.detach().float().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     # a column no calibration input reached is decoupled from the others (zero off-diagonal): plain rounding
     order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_features)
-    work, h = work[:, order], h[order][:, order]
+    work, h = work[:, order].clone(), h[order][:, order]
     col_scale, col_zero = col_scale[:, order], col_zero[:, order]
     inverse = _upper_inverse_cholesky(h, damping)
     codes = torch.empty_like(work)
     qmax = 2**bits - 1
     for start in range(0, in_features, BLOCK_COLUMNS):
         end = min(start + BLOCK_COLUMNS, in_features)
-        block, errors = work[:, start:end].clone(), torch.empty(out_features, end - start)
+        block, errors = work[:, start:end].clone(), torch.empty(rows, end - start)
         block_inverse = inverse[start:end, start:end]
         for i in range(end - start):
             column, s, z = block[:, i], col_scale[:, start + i], col_zero[:, start + i]
@@ -75,13 +103,7 @@ def compensated_weight_codes(
             errors[:, i] = error
         work[:, end:] -= errors @ inverse[start:end, end:]
     codes[:, order] = codes.clone()
-    return codes.to(torch.uint8), scale.squeeze(-1), zero.squeeze(-1)
-
-
-def _column_groups(in_features: int, group_size: int) -> torch.Tensor:
-    """The quantization group of every input column (the layout of `_group_view`)."""
-    size = in_features if num_groups(in_features, group_size) == 1 else group_size
-    return torch.arange(in_features) // size
+    return codes
 
 
 def _upper_inverse_cholesky(h: torch.Tensor, damping: float) -> torch.Tensor:

@@ -24,12 +24,16 @@ def num_groups(in_features: int, group_size: int) -> int:
     return -(-in_features // group_size)
 
 
+def group_width(in_features: int, group_size: int) -> int:
+    """Input columns per quantization group: column ``j`` lies in group ``j // group_width`` (one place for it)."""
+    return in_features if num_groups(in_features, group_size) == 1 else group_size
+
+
 def _group_view(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     """(out, in) -> (out, groups, size). The last group is padded by repeating the last column,
     which leaves that group's min/max (and thus its scale) unchanged."""
     out_features, in_features = weight.shape
-    groups = num_groups(in_features, group_size)
-    size = in_features if groups == 1 else group_size
+    groups, size = num_groups(in_features, group_size), group_width(in_features, group_size)
     pad = groups * size - in_features
     if pad:
         weight = torch.cat([weight, weight[:, -1:].expand(out_features, pad)], dim=1)

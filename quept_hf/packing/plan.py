@@ -139,6 +139,9 @@ def quantize_layers(
     }
 
 
+GRID_SEARCH = True  # compensated rows may take the float weight's min/max grid (calibration/gptq.py)
+
+
 def _quantize(
     layer: QuEPTLinear, adapter: MBCLoRALayer | None, bits: int, hessian: torch.Tensor | None = None
 ) -> QuantizedLinear:
@@ -153,7 +156,9 @@ def _quantize(
         # the grid of W + ΔW_b, the outputs of the FLOAT layer: GPTQ matching W + ΔW_b itself undoes what training
         # did for rounding (docs/RESULTS.md, "Error-compensated freezing": W4 26.20 against 23.89 for this target)
         target = layer.weight
-        codes, scales, zeros = compensated_weight_codes(weight, hessian, bits, *clipping, group_size, target=target)
+        codes, scales, zeros = compensated_weight_codes(
+            weight, hessian, bits, *clipping, group_size, target=target, grid_search=GRID_SEARCH
+        )
     act_bits, act_log_step = None, None
     if layer.quantize_activations:
         act_bits = layer.activation_bits if layer.activation_bits is not None else bits
