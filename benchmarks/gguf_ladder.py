@@ -14,6 +14,9 @@ Every number comes from llama.cpp's own tools, built once from the vendored sour
 * QuEPT: one elastic calibration (`--num-samples` x `--calib-len` tokens, `--epochs`, rank `--rank` per bit group,
   group `--group-size` at every width: GGUF stores a scale per 32 weights anyway), cached in
   benchmarks/.gguf-ladder/ so reruns skip it, then `quept_hf.export(model, "wB", path, format="gguf")` per width;
+* QuEPT+comp: the same calibration frozen with error compensation on the same calibration windows
+  (`quept_hf.freeze(model, error_compensation=texts)`: GPTQ rounding on the calibrated grid, each row's grid
+  searched; 2 bits keep plain rounding), exported the same way (`--no-compensation` leaves it out);
 * held-out perplexity: `llama-perplexity` on the held-out Wikipedia articles (`--chunks` x 512-token chunks,
   llama.cpp scores the second half of each chunk); decode speed: `llama-bench -p 0 -n N`;
 * true bits per weight of each file (linear weights, and every tensor) from its tensor types.
@@ -65,6 +68,7 @@ def parse_args():
     parser.add_argument("--reps", type=int, default=2, help="llama-bench repetitions")
     parser.add_argument("--jobs", type=int, default=2, help="compile jobs if llama.cpp's tools must be built")
     parser.add_argument("--fresh", action="store_true", help="redo the GGUF files (the calibration stays cached)")
+    parser.add_argument("--no-compensation", action="store_true", help="leave the QuEPT+comp files out")
     quick = {"rungs": QUICK_RUNGS, "chunks": 4, "num_samples": 4, "calib_len": 128, "gen_tokens": 16, "reps": 1}
     return common.setup(parser.parse_args(), quick=quick)
 
@@ -103,6 +107,17 @@ def quept_model(smol: common.SmolLM2, args) -> tuple[torch.nn.Module, Path]:
     return model, folder
 
 
+def compensated(model, smol: common.SmolLM2, folder: Path, widths: list[int], args) -> torch.nn.Module:
+    """The calibration frozen with error compensation on its own calibration windows (skipped when cached)."""
+    if not args.fresh and all((WORK / f"{folder.name}-comp-w{w}.gguf").is_file() for w in widths):
+        return model  # unused: every file exists
+    start = time.process_time()
+    texts = smol.calib_texts
+    frozen = quept_hf.freeze(model, bits=widths, plans=[], error_compensation=texts, tokenizer=smol.tokenizer)
+    print(f"QuEPT: frozen with error compensation in {time.process_time() - start:.0f} CPU-s", flush=True)
+    return frozen
+
+
 # ------------------------------------------------------------------------------------------ the files
 
 
@@ -110,7 +125,7 @@ def quept_model(smol: common.SmolLM2, args) -> tuple[torch.nn.Module, Path]:
 class Entry:
     """One GGUF file of the ladder: who made it (``kind``), for which rung, and where it is."""
 
-    kind: str  # "float", "llama.cpp", "llama.cpp+imatrix", "QuEPT"
+    kind: str  # "float", "llama.cpp", "llama.cpp+imatrix", "QuEPT", "QuEPT+comp"
     rung: str
     path: Path
     width: int | None = None
@@ -164,8 +179,8 @@ def llama_quantized(tools: dict, f32: Path, rung: str, matrix: Path | None, args
     return out
 
 
-def quept_file(model, folder: Path, width: int, args) -> Path:
-    out = WORK / f"{folder.name}-w{width}.gguf"
+def quept_file(model, folder: Path, width: int, args, suffix: str = "") -> Path:
+    out = WORK / f"{folder.name}{suffix}-w{width}.gguf"
     if args.fresh or not out.is_file():
         vocab = os.path.join(*assets.smollm2_gguf())  # the same tokenizer fields as llama.cpp's files
         quept_hf.export(model, f"w{width}", out, format="gguf", tokenizer=vocab, overwrite=True)
@@ -226,19 +241,22 @@ def print_tables(rows: list[dict], args) -> None:
     f32, f16 = by[("float", "F32")], by[("float", "F16")]
     print("\nThe ladder: QuEPT's export against llama.cpp's own quantization of the same float model")
     head = ["rung", "llama.cpp bpw", "ppl", "+imatrix ppl", "QuEPT", "QuEPT bpw", "QuEPT ppl"]
-    head += ["QuEPT / imatrix", "QuEPT / plain", "decode vs F32 (llama / QuEPT)", "vs F16"]
+    head += ["QuEPT / imatrix", "QuEPT / plain", "QuEPT+comp ppl", "QuEPT+comp / imatrix"]
+    head += ["decode vs F32 (llama / QuEPT)", "vs F16"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for rung in args.rungs.split(","):
         plain, imat, ours = by.get(("llama.cpp", rung)), by.get(("llama.cpp+imatrix", rung)), by.get(("QuEPT", rung))
+        comp = by.get(("QuEPT+comp", rung))
         if plain is None:
             continue
         cells = [rung, plain["linear_bpw"], plain["ppl"], imat["ppl"]]
         if ours:
             cells += [f"W{ours['quept_width']}", ours["linear_bpw"], ours["ppl"]]
             cells += [f"{ours['ppl'] / imat['ppl']:.3f}", f"{ours['ppl'] / plain['ppl']:.3f}"]
+            cells += [comp["ppl"], f"{comp['ppl'] / imat['ppl']:.3f}"] if comp else ["-", "-"]
             speeds = [imat["decode_tps"], ours["decode_tps"]]
         else:
-            cells += ["-", "-", "-", "-", "-"]
+            cells += ["-"] * 7
             speeds = [imat["decode_tps"]]
         cells.append(" / ".join(f"{s / f32['decode_tps']:.2f}x" for s in speeds))
         cells.append(" / ".join(f"{s / f16['decode_tps']:.2f}x" for s in speeds))
@@ -267,6 +285,10 @@ def main() -> None:
         model, folder = quept_model(smol, args)
         for width, rung in widths.items():
             entries.append(Entry("QuEPT", rung, quept_file(model, folder, width, args), width))
+        if not args.no_compensation:
+            frozen = compensated(model, smol, folder, sorted(widths), args)
+            for width, rung in widths.items():
+                entries.append(Entry("QuEPT+comp", rung, quept_file(frozen, folder, width, args, "-comp"), width))
         del model
     rows = [measure(e, tools, heldout, args) for e in tqdm(entries, desc="llama-perplexity + llama-bench")]
     common.write_results("gguf_ladder" + ("_quick" if args.quick else ""), rows)
