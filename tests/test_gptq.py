@@ -3,7 +3,8 @@
 The reference is the GPTQ paper's algorithm written out column by column (no lazy batches, no act-order
 bookkeeping beyond a permutation): the library's blocked version must give the same codes. The grid is the
 calibrated one, so scales and zero points equal plain rounding's bit for bit; only codes move, and the layer's
-output error on the calibration inputs goes down.
+output error on the calibration inputs goes down. With ``grid_search`` a row may take the float weight's min/max
+grid instead, exactly where that lowers its output error.
 """
 
 from __future__ import annotations

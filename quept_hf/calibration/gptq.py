@@ -59,10 +59,11 @@ def compensated_weight_codes(
     column_group = torch.arange(in_features) // group_width(in_features, group_size)
     col_scale = torch.cat([scale[:, column_group, 0] for scale, _ in grids]).float()  # (rows, in), rows stacked
     col_zero = torch.cat([zero[:, column_group, 0] for _, zero in grids]).float()
-    codes = _gptq(target.repeat(len(grids), 1), hessian, col_scale, col_zero, bits, act_order, damping)
+    stacked = target.repeat(len(grids), 1)  # one copy of the target per candidate grid
+    codes = _gptq(stacked, hessian, col_scale, col_zero, bits, act_order, damping)
     scale, zero = (torch.cat([g[i] for g in grids]).squeeze(-1) for i in (0, 1))
     if len(grids) > 1:
-        error = target.repeat(len(grids), 1) - col_scale * (codes - col_zero)
+        error = stacked - col_scale * (codes - col_zero)
         row_error = ((error @ hessian.float()) * error).sum(dim=1).reshape(len(grids), out_features)
         rows = torch.arange(out_features) + out_features * row_error.argmin(dim=0)  # each row's better grid
         codes, scale, zero = codes[rows], scale[rows], zero[rows]
@@ -85,7 +86,7 @@ def _gptq(
     h[dead, dead] = 1.0
     # a column no calibration input reached is decoupled from the others (zero off-diagonal): plain rounding
     order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_features)
-    work, h = work[:, order].clone(), h[order][:, order]
+    work, h = work[:, order], h[order][:, order]  # advanced indexing copies: the caller's tensor stays
     col_scale, col_zero = col_scale[:, order], col_zero[:, order]
     inverse = _upper_inverse_cholesky(h, damping)
     codes = torch.empty_like(work)
