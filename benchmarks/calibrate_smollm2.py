@@ -39,6 +39,8 @@ def parse_args():
     parser.add_argument("--lr-lora", type=float, default=None, help="default: the spec's (QuEPTConfig)")
     parser.add_argument("--lr-clip", type=float, default=None, help="default: the spec's (QuEPTConfig)")
     parser.add_argument("--tag", default="", help="suffix of the CSV name (keeps ablation runs apart)")
+    parser.add_argument("--group-size", default=None, help="group sizes over the defaults, BITS:SIZE comma-separated "
+                        "(e.g. 3:64; -1: per channel)")  # fmt: skip
     parser.add_argument("--out", default=None, help="save the calibrated model to this folder")
     return parser.parse_args()
 
@@ -75,6 +77,10 @@ def main() -> None:
     if args.smoothing:
         structure["smoothing"] = args.smoothing == "on"
     config = quept_hf.QuEPTConfig(mode=args.mode, num_samples=args.num_samples, seq_len=args.seq_len, **structure)
+    if args.group_size:
+        sizes = {int(b): int(s) for b, s in (item.split(":") for item in args.group_size.split(","))}
+        structure["group_size"] = {**config.group_size, **sizes}
+        config = quept_hf.QuEPTConfig(mode=args.mode, num_samples=args.num_samples, seq_len=args.seq_len, **structure)
     config.ranks = [args.rank] * len(config.bit_groups)
     model = smol.load(config)
 

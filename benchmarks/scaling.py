@@ -3,7 +3,8 @@
 Synthetic Llama configurations (~0.1B, ~0.4B, ~1.5B parameters, random weights, saved once in bf16 under
 benchmarks/results/scaling-cache/) are loaded with ``device_map`` putting every decoder block on "disk"
 (embeddings, final norm and head stay on the CPU) and ``offload_folder``; then one QuEPT calibration (1 epoch,
-a tiny budget) and a streamed freeze (`quept_hf.packing.stream.save_frozen`). Each size runs in its own process,
+a tiny budget), a streamed freeze (`quept_hf.packing.stream.save_frozen`) and a streamed GGUF export
+(`quept_hf.export(..., format="gguf")`). Each size runs in its own process,
 so each peak is its own (``VmHWM``, reset after loading and between calibration and freeze through
 ``/proc/self/clear_refs``; loading's peak counts the checkpoint's file pages that transformers maps).
 
@@ -135,7 +136,7 @@ def run_one(name: str, layers: int | None, args) -> dict:
     try:
         qconfig = quept_hf.QuEPTConfig(
             num_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, epochs=1,
-            smoothing=args.smoothing, ranks=[4, 4, 4, 4],
+            smoothing=args.smoothing, ranks=[4, 4, 4, 4], gradient_checkpointing=args.gradient_checkpointing,
         )  # fmt: skip
         start = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(
@@ -155,6 +156,11 @@ def run_one(name: str, layers: int | None, args) -> dict:
             save_frozen(model, work / "frozen", bits=args.freeze_bits)
         frozen = time.perf_counter()
         freeze_peak = _peak_rss()
+        _reset_peak()
+        if args.gguf_bits:
+            quept_hf.export(model, args.gguf_bits, work / "model.gguf", format="gguf")
+        exported = time.perf_counter()
+        gguf_peak = _peak_rss()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     per_block = [b - a for (a, _), (b, _) in zip(times.marks, times.marks[1:], strict=False)]
@@ -183,7 +189,11 @@ def run_one(name: str, layers: int | None, args) -> dict:
         "freeze_peak_rss_GiB": round(freeze_peak / 2**30, 2),
         "freeze_bits": " ".join(map(str, args.freeze_bits)),
         "samples_x_tokens": f"{args.samples}x{args.seq_len}",
+        "gradient_checkpointing": args.gradient_checkpointing,
         "freeze_s_per_block": round((frozen - before_freeze) / depth, 2),
+        "gguf_bits": args.gguf_bits,
+        "gguf_peak_rss_GiB": round(gguf_peak / 2**30, 2),
+        "gguf_s_per_block": round((exported - frozen) / depth, 2),
     }
 
 
@@ -197,7 +207,13 @@ def main() -> None:
     parser.add_argument("--calibrate-blocks", type=int, default=None, help="calibrate the first N blocks only "
                         "(default: all; the rest have the same shapes, so the same cost and memory)")  # fmt: skip
     parser.add_argument("--freeze-bits", type=int, nargs="+", default=[4], help="kept widths (0: no freeze)")
+    parser.add_argument("--gguf-bits", type=int, default=4, help="streamed GGUF export at this width (0: none)")
     parser.add_argument("--smoothing", action="store_true", help="AWQ-style smoothing (off: it dominates the time)")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="QuEPTConfig(gradient_checkpointing=True): weight copies recomputed in backward",
+    )
     parser.add_argument("--work", default=None, help="folder for the offload folders (default: the temp dir)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one size in this process, print its row
     args = common.setup(parser.parse_args(), QUICK)
@@ -210,16 +226,18 @@ def main() -> None:
         command = [sys.executable, __file__, "--one", name, "--samples", str(args.samples), "--seq-len",
                    str(args.seq_len), "--batch-size", str(args.batch_size)]  # fmt: skip
         command += ["--layers", str(args.layers)] if args.layers else []
-        command += ["--freeze-bits", *map(str, args.freeze_bits)]
+        command += ["--freeze-bits", *map(str, args.freeze_bits), "--gguf-bits", str(args.gguf_bits)]
         command += ["--calibrate-blocks", str(args.calibrate_blocks)] if args.calibrate_blocks else []
         command += ["--smoothing"] if args.smoothing else []
+        command += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
         command += ["--threads", str(args.threads)] if args.threads else []
         command += ["--work", args.work] if args.work else []
         out = subprocess.run(command, check=True, capture_output=True, text=True)
         row = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("ROW "))[4:])
         print(row, flush=True)
         rows.append(row)
-    common.write_results("scaling_quick" if args.quick else "scaling", rows)
+    name = "scaling_quick" if args.quick else "scaling"
+    common.write_results(name + ("_checkpointing" if args.gradient_checkpointing else ""), rows)
 
 
 if __name__ == "__main__":

@@ -185,6 +185,10 @@ class QuEPTConfig(QuantizationConfigMixin):
         activations_dir: a folder for the calibration activations (``num_samples x seq_len x hidden`` float
             tensors, one per stream), memory-mapped there instead of held in RAM; ``None`` (default): in RAM.
             For models whose activations do not fit next to one block (`quept_hf.calibration.plan` tells).
+        gradient_checkpointing: recompute each layer's fake-quantized weight in the backward pass of calibration
+            instead of keeping its copies in the autograd graph (``torch.utils.checkpoint``): the same result, a
+            block's training peak holds about one layer's weight copies instead of every layer's, for more
+            compute (see docs/RESULTS.md). For blocks that barely fit; default ``False``.
         calibrated: set by quept_hf once calibration has run (``False`` for a fresh model).
         packed: set by `quept_hf.export` only: the checkpoint holds packed integer weights frozen at one
             bit-width or plan, ``{"format": "quept-packed", "version": 1, "source": "w3", "bits": {module: b},
@@ -243,6 +247,7 @@ class QuEPTConfig(QuantizationConfigMixin):
         lr_scaling: str | None = None,
         checkpoint_dir: str | None = None,
         activations_dir: str | None = None,
+        gradient_checkpointing: bool = False,
         dataset_description: str | None = None,
         calibrated: bool = False,
         format_version: int = FORMAT_VERSION,
@@ -298,6 +303,7 @@ class QuEPTConfig(QuantizationConfigMixin):
         dirs = {"checkpoint_dir": checkpoint_dir, "activations_dir": activations_dir}
         for name, path in dirs.items():
             setattr(self, name, os.fspath(path) if isinstance(path, os.PathLike) else path)
+        self.gradient_checkpointing = gradient_checkpointing
         self.dataset_description = dataset_description
         self.calibrated = calibrated
         self.format_version = format_version
@@ -416,7 +422,8 @@ class QuEPTConfig(QuantizationConfigMixin):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"QuEPTConfig.{name}={value!r}: allowed None (the mode's default), True or False")
-        for name in ("cascade", "calibrated", "quantize_vision_tower", "quantize_attention_probs"):
+        flags = ("cascade", "calibrated", "quantize_vision_tower", "quantize_attention_probs", "gradient_checkpointing")
+        for name in flags:
             if not isinstance(getattr(self, name), bool):
                 _refuse(name, getattr(self, name), "expected True or False")
         self._check_choice("loss", self.loss, LOSSES)

@@ -31,6 +31,8 @@ from huggingface_hub import ModelCard
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 from torch import nn
 
+from .calibration.memory import available_memory
+from .calibration.offload import stored_tensor
 from .compat import override_method, record_weight_conversions, saving_whole_model, unwrap
 from .config import quept_config
 from .hub import stamp_metadata, write_card_files
@@ -113,7 +115,7 @@ def save_elastic(
     adapter_name, config = found
     save_directory = os.fspath(save_directory)
     push, hub_args = _hub_arguments(kwargs, save_directory)
-    full = dict(base.state_dict() if state_dict is None else state_dict)
+    full = _read_offloaded(base, dict(base.state_dict() if state_dict is None else state_dict))
     to_save = base_state_dict(base, full)
     stamp_metadata(base)
     with staged_save(save_directory, is_main_process) as folder:
@@ -125,6 +127,32 @@ def save_elastic(
             _write_extras(base, folder, save_directory)
     if push:
         push_to_hub(base, max_shard_size=kwargs.get("max_shard_size", "50GB"), **hub_args)
+
+
+def _read_offloaded(base: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every offloaded (meta) tensor read back from where accelerate keeps it.
+
+    transformers' own save looks an offloaded tensor up by the model's name for it, which the elastic format
+    renames (no ``base_layer``), so the tensors are read here, all of them: a MemoryError says so up front when they
+    do not fit (`save_frozen` writes the frozen model one block at a time instead)."""
+    offloaded = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.device.type == "meta"]
+    if not offloaded:
+        return state
+    needed = sum(state[k].numel() * state[k].element_size() for k in offloaded)
+    free = available_memory(torch.device("cpu"))
+    if free is not None and needed > free:
+        raise MemoryError(
+            f"save_pretrained: the model's offloaded tensors ({needed / 2**30:.2f} GiB) are read back to write the "
+            f"elastic checkpoint, but {free / 2**30:.2f} GiB of RAM is free; keep the calibration with "
+            "QuEPTConfig(checkpoint_dir=...) and write the frozen model block by block with "
+            "quept_hf.packing.stream.save_frozen"
+        )
+    for key in offloaded:
+        value = stored_tensor(base, key)
+        if value is None:
+            raise ValueError(f"save_pretrained: {key} is offloaded (meta), but no accelerate hook holds its value")
+        state[key] = value
+    return state
 
 
 def _save_plain(model: nn.Module, save_directory: str | os.PathLike, **kwargs):

@@ -4,6 +4,7 @@ weights on disk give bit for bit the in-memory results; activations on disk; the
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,7 +123,7 @@ def test_plan_says_what_is_where(offloaded):
 
 
 def test_plan_refuses_when_one_block_does_not_fit(offloaded, monkeypatch):
-    monkeypatch.setattr(memory, "_free_memory", lambda device: 1000)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1000)
     config = offloaded.config.quantization_config
     with pytest.raises(MemoryError, match="for ONE block"):
         plan(offloaded, config, check=True)
@@ -144,3 +145,136 @@ def test_device_map_unit_spanning_blocks_is_refused(folder, tmp_path):
 def test_freeze_of_an_offloaded_model_points_to_save_frozen(offloaded):
     with pytest.raises(ValueError, match="save_frozen"):
         quept_hf.freeze(offloaded)
+
+
+class _Delta:
+    """A trainable low-rank `WeightDelta`, as MB-CLoRA hands one to its base layer."""
+
+    requires_grad = True
+
+    def __init__(self, rows: int, cols: int):
+        generator = torch.Generator().manual_seed(3)
+        self.b = torch.randn(rows, 2, generator=generator).mul(0.01).requires_grad_()
+        self.a = torch.randn(2, cols, generator=generator).requires_grad_()
+
+    def __call__(self) -> torch.Tensor:
+        return self.b @ self.a
+
+    def cache_key(self) -> tuple:
+        return (self.a._version, self.b._version)
+
+
+def _saved_bytes_and_grads(checkpointing: bool, quantize_activations: bool):
+    """Bytes the autograd graph keeps after one forward, and the gradients of the input, delta and clipping."""
+    from quept_hf.nn import QuEPTLinear
+
+    torch.manual_seed(0)
+    layer = QuEPTLinear.from_linear(
+        torch.nn.Linear(64, 96), bits=[3, 4], group_size={3: 16, 4: -1}, quantize_activations=quantize_activations
+    )
+    layer.set_bits(3)
+    layer.gradient_checkpointing = checkpointing
+    for p in layer.clip_upper.values():
+        p.requires_grad_(True)
+    delta = _Delta(96, 64)
+    x = torch.randn(5, 64, requires_grad=True)
+    saved: list[int] = []
+
+    def pack(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x, delta)
+    kept = sum(saved)
+    layer.set_bits(4)  # a switch before backward must not change what is recomputed
+    out.square().sum().backward()
+    return kept, [t.grad for t in (x, delta.a, delta.b, layer.clip_upper["3"])]
+
+
+@pytest.mark.parametrize("quantize_activations", [False, True])
+def test_gradient_checkpointing_recomputes_the_weight_copies(quantize_activations):
+    kept, grads = _saved_bytes_and_grads(False, quantize_activations)
+    kept_ckpt, grads_ckpt = _saved_bytes_and_grads(True, quantize_activations)
+    weight_bytes = 64 * 96 * 4
+    assert kept >= 3 * weight_bytes  # W + delta, its rounded / clipped copies, the quantized weight
+    assert kept_ckpt < weight_bytes  # only the (small) input and parameters
+    for got, want in zip(grads_ckpt, grads, strict=True):
+        assert got is not None and torch.equal(got, want)
+
+
+def test_calibration_with_gradient_checkpointing_is_bit_identical(folder, in_memory, tmp_path):
+    model = _load(folder, tmp_path / "offload", gradient_checkpointing=True)
+    _assert_same_model(in_memory, model, bits=(2, 3, 8))
+
+
+def test_plan_counts_one_layer_with_gradient_checkpointing(offloaded):
+    config = offloaded.config.quantization_config
+    full = plan(offloaded, config)
+    one_layer = plan(offloaded, QuEPTConfig.from_dict({**config.to_dict(), "gradient_checkpointing": True}))
+    assert one_layer.block_graph < full.block_graph and one_layer.block_weights == full.block_weights
+
+
+def test_gradient_checkpointing_must_be_a_bool():
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        QuEPTConfig(gradient_checkpointing="yes")
+
+
+def test_save_frozen_replaces_the_folder_wholly_or_not_at_all(in_memory, tmp_path, monkeypatch):
+    from quept_hf.packing import stream
+
+    folder = tmp_path / "frozen"
+    save_frozen(in_memory, folder, bits=[4])
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    write_shard, written = stream._write_shard, []
+
+    def fails_on_the_second_shard(target, name, state, metadata):
+        if written:
+            raise OSError("No space left on device")
+        written.append(name)
+        write_shard(target, name, state, metadata)
+
+    monkeypatch.setattr(stream, "_write_shard", fails_on_the_second_shard)
+    with pytest.raises(OSError, match="No space left"):
+        save_frozen(in_memory, folder, bits=[2, 8])
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # the old checkpoint, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frozen"]  # no staging folder left behind
+    monkeypatch.setattr(stream, "_write_shard", write_shard)
+    save_frozen(in_memory, folder, bits=[2, 8])
+    kept = AutoModelForCausalLM.from_pretrained(folder).config.quantization_config.frozen["bits"]
+    assert {tuple(widths) for widths in kept.values()} == {(2, 8)}  # the new checkpoint, whole
+
+
+@pytest.mark.parametrize("bits_or_plan", [4, {"model.layers.1": 8, "model.layers.2": 3}])
+def test_gguf_export_of_an_offloaded_model_is_byte_identical(in_memory, offloaded, bits_or_plan, tmp_path):
+    reference = quept_hf.export(in_memory, bits_or_plan, tmp_path / "memory.gguf", format="gguf")
+    streamed = quept_hf.export(offloaded, bits_or_plan, tmp_path / "offloaded.gguf", format="gguf")
+    assert Path(streamed).read_bytes() == Path(reference).read_bytes()
+    assert {p.device.type for p in offloaded.model.layers[1].parameters()} == {"meta"}  # let go after writing
+
+
+def test_save_pretrained_of_an_offloaded_model_reloads_bit_identical(in_memory, offloaded, tmp_path):
+    offloaded.save_pretrained(tmp_path / "offloaded")
+    in_memory.save_pretrained(tmp_path / "memory")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "offloaded")
+    _assert_same_model(AutoModelForCausalLM.from_pretrained(tmp_path / "memory"), reloaded, bits=(2, 4, 8, 16))
+    assert {p.device.type for p in offloaded.model.layers[1].parameters()} == {"meta"}  # still offloaded
+
+
+def test_save_pretrained_of_an_offloaded_model_refuses_when_ram_is_short(offloaded, tmp_path, monkeypatch):
+    from quept_hf import saving
+
+    monkeypatch.setattr(saving, "available_memory", lambda device: 1000)
+    with pytest.raises(MemoryError, match="save_frozen"):
+        offloaded.save_pretrained(tmp_path / "elastic")
+    assert not (tmp_path / "elastic").exists()
+
+
+def test_in_memory_exports_of_an_offloaded_model_point_to_the_streamed_ones(offloaded, tmp_path):
+    from quept_hf.packing.interop import compressed_tensors_available, export_compressed_tensors
+
+    with pytest.raises(ValueError, match="export: the model's weights are offloaded.*save_frozen.*format='gguf'"):
+        quept_hf.export(offloaded, 4, tmp_path / "packed")
+    if compressed_tensors_available():
+        with pytest.raises(ValueError, match="export_compressed_tensors: the model's weights are offloaded"):
+            export_compressed_tensors(offloaded, 4, tmp_path / "ct")

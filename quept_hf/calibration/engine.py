@@ -48,7 +48,8 @@ from .smoothing import search_bits, smooth_block
 
 logger = logging.getLogger(__name__)
 
-RUN_SETTINGS = ("activations_dir",)  # where this run keeps its tensors: neither fingerprinted nor recorded
+# how this run keeps its tensors (where, and whether recomputed): same result, neither fingerprinted nor recorded
+RUN_SETTINGS = ("activations_dir", "gradient_checkpointing")
 MIN_LR_RATIO = 0.01  # cosine schedule down to lr/100
 STATS_SAMPLES = 16  # calibration samples used to measure LayerNorm ranges and initialise activation scales
 
@@ -380,6 +381,7 @@ def _train_block(
         p.requires_grad_(True)
     for layer in block.layers.values():
         layer.owned_gradients = settings.cascade_training == "owned"
+        layer.base_layer.gradient_checkpointing = settings.gradient_checkpointing
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: _cosine(t, total))
     progress = tqdm(total=total, desc=f"block {block.index}", leave=False, unit="step")
@@ -403,6 +405,7 @@ def _train_block(
             p.requires_grad_(False)
         for layer in block.layers.values():
             layer.owned_gradients = False
+            layer.base_layer.gradient_checkpointing = False
     logger.debug("block %d calibrated: last losses %s", block.index, losses)
 
 

@@ -25,7 +25,7 @@ from .offload import offloaded_units
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MemoryPlan", "plan"]
+__all__ = ["MemoryPlan", "available_memory", "plan"]
 
 # fp32 copies of a block's weights at the peak: W + delta, its groups, clipped and rounded copies in the autograd
 # graph, the float and the cached weight (fit to the measured 1.5B peak, docs/RESULTS.md)
@@ -46,6 +46,7 @@ class MemoryPlan:
     block_graph: int  # autograd graph of one batch through one block (estimate)
     activations: int  # calibration activations (all streams)
     activations_dir: str | None  # memory-mapped there, or in RAM
+    gradient_checkpointing: bool  # the graph holds one layer's weight copies, not the block's
     available: int | None  # free memory of the compute device (RAM for the CPU) when measured
 
     @property
@@ -102,14 +103,22 @@ def _block_training(block: nn.Module, config: QuEPTConfig) -> int:
 
 
 def _block_graph(block: nn.Module, config: QuEPTConfig, hidden: int) -> int:
+    """Weight copies of the autograd graph plus the activations it keeps. With ``gradient_checkpointing`` the graph
+    holds one layer's copies at a time (recomputed in backward), next to one cached quantized copy of every layer
+    (the no-grad forwards that build the next block's inputs)."""
     layers = [m for m in block.modules() if isinstance(m, QuEPTLinear)]
-    weights = sum(m.in_features * m.out_features for m in layers) * 4 * GRAPH_WEIGHT_COPIES
+    sizes = [m.in_features * m.out_features for m in layers]
+    if config.gradient_checkpointing:
+        weights = (sum(sizes) + GRAPH_WEIGHT_COPIES * max(sizes, default=0)) * 4
+    else:
+        weights = sum(sizes) * 4 * GRAPH_WEIGHT_COPIES
     widest = max((max(m.in_features, m.out_features) for m in layers), default=hidden)
     tokens = config.batch_size * config.seq_len
     return weights + tokens * (GRAPH_ACTIVATIONS_PER_TOKEN * hidden + 3 * widest) * 4
 
 
-def _free_memory(device: torch.device) -> int | None:
+def available_memory(device: torch.device) -> int | None:
+    """Free memory of ``device`` in bytes (MemAvailable for the CPU), None when it cannot be read."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -124,7 +133,8 @@ def plan(
     model: nn.Module, config: QuEPTConfig, device: torch.device | str | None = None, check: bool = False
 ) -> MemoryPlan:
     """The peak-memory plan of calibrating ``model`` with ``config`` (a `QuEPTConfig`: its ``num_samples``,
-    ``seq_len``, ``batch_size``, ``bit_groups``, ``token_merge``, ``ranks`` and ``activations_dir`` count).
+    ``seq_len``, ``batch_size``, ``bit_groups``, ``token_merge``, ``ranks``, ``activations_dir`` and
+    ``gradient_checkpointing`` count).
 
     ``device`` defaults to CUDA when available, else the CPU. With ``check=True`` a MemoryError names what does not
     fit: one block on the compute device, or (activations in RAM) the activations next to it."""
@@ -152,7 +162,8 @@ def plan(
         block_graph=_block_graph(largest, config, hidden),
         activations=(3 + streams) * activation,
         activations_dir=config.activations_dir,
-        available=_free_memory(device),
+        gradient_checkpointing=config.gradient_checkpointing,
+        available=available_memory(device),
     )
     if check:
         _check(result)
@@ -167,8 +178,9 @@ def _check(result: MemoryPlan) -> None:
         raise MemoryError(
             f"QuEPT calibration needs ~{_gib(result.block_peak)} on {result.device} for ONE block "
             f"({_gib(result.block_weights)} weights, {_gib(result.block_training)} trainable state, "
-            f"~{_gib(result.block_graph)} autograd graph) but {_gib(result.available)} is free: lower batch_size / "
-            "seq_len, or calibrate on a larger device"
+            f"~{_gib(result.block_graph)} autograd graph) but {_gib(result.available)} is free: "
+            f"{'' if result.gradient_checkpointing else 'set QuEPTConfig(gradient_checkpointing=True), '}lower "
+            "batch_size / seq_len, or calibrate on a larger device"
         )
     extra = result.block_peak if result.device == "cpu" else 0
     if not result.activations_dir and result.activations + extra > result.available:

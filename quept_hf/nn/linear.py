@@ -9,6 +9,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..naming import FLOAT_BITS
 from .functional import (
@@ -55,6 +56,11 @@ class QuEPTLinear(nn.Module):
     When nothing needs a gradient, the quantized weight is cached per (bits, delta source) and re-used,
     so inference after a switch costs about one float matmul. The cache key includes the tensors'
     in-place version counters, so loading weights or an optimiser step invalidates it automatically.
+
+    With ``gradient_checkpointing`` (set by calibration, `QuEPTConfig(gradient_checkpointing=True)`), a forward
+    that needs gradients keeps only its input: ``W + delta``, its grouped, clipped and rounded copies and the
+    quantized weight are recomputed in the backward pass instead of living in the autograd graph, so a block's
+    training peak holds about one layer's weight copies instead of every layer's.
     """
 
     def __init__(
@@ -93,6 +99,7 @@ class QuEPTLinear(nn.Module):
         self.active_bits = max(self.bits)
         self.activation_bits: int | None = None  # None: follow active_bits when quantize_activations
         self.input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.gradient_checkpointing = False
         self._cache: tuple[tuple, torch.Tensor] | None = None
 
     @classmethod
@@ -159,10 +166,12 @@ class QuEPTLinear(nn.Module):
         key = str(bits)
         return fake_quantize_weight(weight, bits, self.clip_upper[key], self.clip_lower[key], self.group_size[bits])
 
-    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+    def quantize_input(self, x: torch.Tensor, act_bits: int | None = None) -> torch.Tensor:
+        """The layer's input as it enters the matmul at ``act_bits`` (default: the active activation width)."""
         if self.input_transform is not None:
             x = self.input_transform(x)
-        act_bits = self.activation_bits if self.activation_bits is not None else self.active_bits
+        if act_bits is None:
+            act_bits = self.activation_bits if self.activation_bits is not None else self.active_bits
         if self.quantize_activations and act_bits < FLOAT_BITS:
             if self.activation_granularity == "per_tensor":
                 return fake_quantize_activation_static(x, act_bits, self.clip_act[str(act_bits)])
@@ -171,8 +180,17 @@ class QuEPTLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, delta: WeightDelta | None = None) -> torch.Tensor:
         """``delta``: the MB-CLoRA weight update of the active bit-width, if any."""
+        if self.gradient_checkpointing and torch.is_grad_enabled() and self._needs_grad(delta):
+            # the widths are fixed now: the recompute runs in backward, possibly after a switch
+            act_bits = self.activation_bits if self.activation_bits is not None else self.active_bits
+            return checkpoint(self._recomputable, x, delta, self.active_bits, act_bits, use_reentrant=False)
         weight = self._cached_weight(delta)
         return F.linear(self.quantize_input(x), weight.to(x.dtype), self.bias)
+
+    def _recomputable(self, x: torch.Tensor, delta: WeightDelta | None, bits: int, act_bits: int) -> torch.Tensor:
+        self._cache = None
+        weight = self.quantized_weight(delta() if delta is not None else None, bits)
+        return F.linear(self.quantize_input(x, act_bits), weight.to(x.dtype), self.bias)
 
     def _cached_weight(self, delta: WeightDelta | None) -> torch.Tensor:
         if torch.is_grad_enabled() and self._needs_grad(delta):

@@ -35,7 +35,7 @@ from ..config import FORMAT_VERSION, PACKED_FORMAT, PACKED_VERSION, QuEPTConfig,
 from ..inspection import base_state_dict
 from .gguf import export_gguf
 from .linear import PackedLinear
-from .plan import BitsOrPlan, QuantizedLinear, check_target, quantize_layers, resolve_plan
+from .plan import BitsOrPlan, QuantizedLinear, check_target, quantize_layers, refuse_offloaded, resolve_plan
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ def pack_model(model: nn.Module, bits_or_plan: BitsOrPlan) -> nn.Module:
     the very model ``from_pretrained`` of the exported folder gives. Input transforms (online rotations) are
     carried over in memory.
     """
+    refuse_offloaded(model, "export")
     base = unwrap(model)
     name, plan = resolve_plan(model, bits_or_plan)
     layers = quantize_layers(model, plan)

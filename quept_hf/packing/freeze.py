@@ -27,7 +27,7 @@ from ..inspection import base_state_dict
 from ..nn.functional import quantize_weight_codes
 from .codec import pack
 from .frozen import FrozenLinear
-from .plan import QuantizedLinear, quantize_layers, resolve_plan, stored_plans
+from .plan import QuantizedLinear, quantize_layers, refuse_offloaded, resolve_plan, stored_plans
 
 logger = logging.getLogger(__name__)
 
@@ -188,11 +188,7 @@ def freeze(
     base = unwrap(model)
     config = quept_config(model)
     _check_head_bits(head_bits)
-    if any(p.device.type == "meta" for p in base.parameters()):
-        raise ValueError(
-            "freeze: the model's weights are offloaded (device_map), and freeze builds the frozen model in memory: "
-            "write it block by block with quept_hf.packing.stream.save_frozen(model, folder, bits, plans)"
-        )
+    refuse_offloaded(model, "freeze")
     uniform, plan_maps, kept = kept_widths(model, bits, plans)
     by_width: dict[str, dict[int, QuantizedLinear]] = {module: {} for module in kept}
     for b, hessians in _hessians_by_width(model, config, kept, error_compensation, tokenizer):

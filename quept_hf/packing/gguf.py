@@ -21,16 +21,22 @@ where rows are multiples of 256, else llama-quantize's fallback (``tensor_type_f
 non-exact type is searched against QuEPT's DEQUANTIZED weight, with QuEPT's own scale as a candidate (W2/W3 in
 Q4_0 are then exact up to fp16 of ``d``). Embeddings (and an untied, unquantized lm_head) take
 ``embedding_type``; norms stay F32. Weight-only models only: llama.cpp has no QuEPT activation quantizer.
+
+The file is written in two passes that need no tensor data up front: every tensor's name, type and shape (known
+from shapes alone, so meta tensors of an offloaded model do) as gguf-py's tensor info, then the data in that
+order, one tensor at a time; an offloaded block (``device_map``) is loaded while its tensors are written. So the
+export of a model larger than memory peaks at about one block, and its bytes equal the in-memory export's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,11 +45,13 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QType
 from torch import nn
+from tqdm.auto import tqdm
 
 from .. import assets
+from ..calibration.offload import offloaded_units, onloaded
 from ..compat import unwrap
 from ..config import quept_config
-from ..inspection import frozen_linears
+from ..inspection import frozen_linears, quept_linears
 from . import gguf_blocks as blocks
 from .frozen import FrozenLinear
 from .plan import BitsOrPlan, QuantizedLinear, expand_plan, plan_mapping, quantize_layers, resolve_plan
@@ -63,6 +71,7 @@ BIT_TYPES = {2: "Q2_K", 3: "Q3_K", 4: "Q4_1", 5: "Q5_1", 6: "Q6_K", 7: "Q8_0", 8
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q6_K": "Q8_0"}  # llama-quant.cpp tensor_type_fallback
 EXACT = {"Q4_1": 4, "Q5_1": 5}
 EMBEDDING_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
+GridOf = Callable[[str], QuantizedLinear]  # a quantized linear's grid, computed when the file reaches it
 FILE_TYPES = {"Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_M", "Q6_K": "MOSTLY_Q6_K", "F16": "MOSTLY_F16"}
 
 
@@ -89,21 +98,29 @@ def permute_rows(rows: int, n_head: int, n_head_kv: int | None = None) -> torch.
 # ------------------------------------------------------------------------------------ QuEPT's grids
 
 
-def _grids(model: nn.Module, bits_or_plan: BitsOrPlan) -> tuple[str, dict[str, QuantizedLinear]]:
-    """``(plan name, {module: QuantizedLinear})`` from an elastic model (computed) or a frozen one (stored)."""
+def _plan(model: nn.Module, bits_or_plan: BitsOrPlan) -> tuple[str, dict[str, int], dict[str, tuple[int, int]], GridOf]:
+    """``(plan name, {module: bits}, {module: (out, in)}, grid of one module)``. The grid of an elastic layer is
+    computed as `quept_hf.export` computes it, a frozen layer's stored codes are read; one layer at a time, when
+    the file reaches it, so an offloaded model needs only its current block in memory."""
     frozen = frozen_linears(unwrap(model))
     if not frozen:
         name, plan = resolve_plan(model, bits_or_plan)
-        return name, quantize_layers(model, plan)
+        layers = quept_linears(unwrap(model))
+        shapes = {m: (layers[m].out_features, layers[m].in_features) for m in plan}
+        return name, plan, shapes, lambda module: quantize_layers(model, {module: plan[module]})[module]
     config = quept_config(model)
     name, mapping = plan_mapping(model, config, bits_or_plan)
     plan = expand_plan(mapping, list(frozen), config.default_bits)
-    return name, {module: _frozen_grid(module, frozen[module], bits) for module, bits in plan.items()}
+    for module, bits in plan.items():
+        if bits not in frozen[module].bits:
+            raise ValueError(
+                f"bits_or_plan: width {bits} is not kept by frozen layer {module} (it keeps {frozen[module].bits})"
+            )
+    shapes = {m: (frozen[m].out_features, frozen[m].in_features) for m in plan}
+    return name, plan, shapes, lambda module: _frozen_grid(frozen[module], plan[module])
 
 
-def _frozen_grid(name: str, layer: FrozenLinear, bits: int) -> QuantizedLinear:
-    if bits not in layer.bits:
-        raise ValueError(f"bits_or_plan: width {bits} is not kept by frozen layer {name} (it keeps {layer.bits})")
+def _frozen_grid(layer: FrozenLinear, bits: int) -> QuantizedLinear:
     key = str(bits)
     act = bits if layer.quantize_activations else None
     bias = None if layer.bias is None else layer.bias.detach()
@@ -111,13 +128,12 @@ def _frozen_grid(name: str, layer: FrozenLinear, bits: int) -> QuantizedLinear:
     return QuantizedLinear(layer.codes(bits), scales, zeros, bias, bits, group, act, layer.input_transform)
 
 
-def _check_weight_only(grids: dict[str, QuantizedLinear]) -> None:
-    for name, q in grids.items():
-        if q.activation_bits is not None or q.input_transform is not None:
-            raise ValueError(
-                f"model: layer {name} quantizes activations or applies an online input transform; GGUF (llama.cpp) "
-                "runs weight-only models, so export a weight_only QuEPT model"
-            )
+def _check_weight_only(name: str, q: QuantizedLinear) -> None:
+    if q.activation_bits is not None or q.input_transform is not None:
+        raise ValueError(
+            f"model: layer {name} quantizes activations or applies an online input transform; GGUF (llama.cpp) "
+            "runs weight-only models, so export a weight_only QuEPT model"
+        )
 
 
 # ------------------------------------------------------------------------------- linear tensors
@@ -170,14 +186,18 @@ def _encode_linear(grid: _Grid, qtype: str) -> np.ndarray:
     return data.reshape(out_f, -1)
 
 
-def _encode_float(tensor: torch.Tensor, qtype: str) -> tuple[np.ndarray, str]:
-    """A float tensor (embedding, norm, untied head) at ``qtype`` (F16 where blocks of 32 do not fit)."""
+def _float_type(shape: tuple[int, ...], qtype: str) -> str:
+    """The type a float tensor (embedding, norm, untied head) takes: F32 for vectors, F16 where blocks do not fit."""
+    if len(shape) == 1 or qtype == "F32":
+        return "F32"
+    if qtype != "F16" and shape[-1] % gguf.GGML_QUANT_SIZES[QType[qtype]][0]:
+        return "F16"
+    return qtype
+
+
+def _encode_float(tensor: torch.Tensor, qtype: str) -> np.ndarray:
     array = tensor.detach().float().numpy()
-    if array.ndim == 1 or qtype == "F32":
-        return array, "F32"
-    if qtype != "F16" and array.shape[-1] % gguf.GGML_QUANT_SIZES[QType[qtype]][0]:
-        qtype = "F16"
-    return gguf.quants.quantize(array, QType[qtype]), qtype
+    return array if qtype == "F32" else gguf.quants.quantize(array, QType[qtype])
 
 
 # -------------------------------------------------------------------------------------- metadata
@@ -379,36 +399,72 @@ def _target(path: str | os.PathLike, base: nn.Module, plan_name: str, overwrite:
     return target
 
 
-def _tensors(base: nn.Module, grids: dict[str, QuantizedLinear], arch, embedding_type: str):
-    """``(gguf name, data, type name)`` for every tensor llama.cpp loads, in the model's order."""
+@dataclass
+class _Entry:
+    """One tensor of the file, known from shapes alone (its info is written before any data)."""
+
+    name: str  # GGUF tensor name
+    qtype: str
+    shape: tuple[int, ...]  # (rows, columns) in elements
+    source: str | None  # the quantized linear (``linear``), else the state-dict key; None: rope factors
+    linear: bool
+    order: torch.Tensor | None  # GGUF row order (q/k permutation) or None
+
+    @property
+    def nbytes(self) -> int:
+        block, size = gguf.GGML_QUANT_SIZES[QType[self.qtype]]
+        return math.prod(self.shape) // block * size
+
+
+def _entries(
+    base: nn.Module, plan: dict[str, int], shapes: dict[str, tuple[int, int]], arch, embedding_type: str
+) -> list[_Entry]:
+    """Every tensor llama.cpp loads, in the model's order (offloaded tensors are meta here: shapes suffice)."""
     config = base.config
     tmap = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     n_head, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
     if arch not in PERMUTED:
         n_head = None
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    done = set()
+    entries, done = [], set()
     for key, tensor in base.state_dict().items():
-        key = key.replace(".base_layer", "")
-        module, _, leaf = key.rpartition(".")
-        name = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
-        if name is None or key in done or (tied and name == "output.weight"):
+        plain = key.replace(".base_layer", "")
+        module, _, leaf = plain.rpartition(".")
+        name = tmap.get_name(plain, try_suffixes=(".weight", ".bias"))
+        if name is None or plain in done or (tied and name == "output.weight") or leaf not in ("weight", "bias"):
             continue
-        done.add(key)
-        order = _order(key, tensor.shape[0], n_head, n_kv)
-        if module in grids and leaf == "weight":
-            yield name, *_linear(module, grids[module], order)
-        elif module in grids and leaf == "bias":
-            yield name, tensor.detach().float()[order].numpy() if order is not None else tensor.float().numpy(), "F32"
-        elif module not in grids and leaf in ("weight", "bias"):
+        done.add(plain)
+        shape = tuple(tensor.shape)
+        order = _order(plain, shape[0], n_head, n_kv)
+        if module in plan and leaf == "weight":
+            entries.append(_Entry(name, gguf_type(plan[module], shape[1]), shape, module, True, order))
+        elif module in plan:
+            entries.append(_Entry(name, "F32", shape, key, False, order))
+        else:
             qtype = embedding_type if name in ("token_embd.weight", "output.weight") else "F32"
-            yield name, *_encode_float(tensor if order is None else tensor[order], qtype)
-    for module in set(grids) - {k.rpartition(".")[0] for k in done}:
-        order = _order(module + ".weight", grids[module].codes.shape[0], n_head, n_kv)
-        yield tmap.get_name(module + ".weight", try_suffixes=(".weight",)), *_linear(module, grids[module], order)
+            entries.append(_Entry(name, _float_type(shape, qtype), shape, key, False, order))
+    for module in [m for m in plan if m + ".weight" not in done]:  # frozen layers: codes, no float weight
+        name = tmap.get_name(module + ".weight", try_suffixes=(".weight",))
+        order = _order(module + ".weight", shapes[module][0], n_head, n_kv)
+        entries.append(_Entry(name, gguf_type(plan[module], shapes[module][1]), shapes[module], module, True, order))
     freqs = _rope_freqs(config)
     if freqs is not None:
-        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", freqs, "F32"
+        name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        entries.append(_Entry(name, "F32", tuple(freqs.shape), None, False, None))
+    return entries
+
+
+def _data(entry: _Entry, base: nn.Module, grid_of: GridOf) -> np.ndarray:
+    """The bytes (as an array) of one entry, from the tensors now in memory."""
+    if entry.linear:
+        q = grid_of(entry.source)
+        _check_weight_only(entry.source, q)
+        return _encode_linear(_grid(q, entry.order), entry.qtype)
+    if entry.source is None:
+        return _rope_freqs(base.config)
+    module, _, leaf = entry.source.rpartition(".")
+    tensor = getattr(base.get_submodule(module), leaf)
+    return _encode_float(tensor if entry.order is None else tensor[entry.order], entry.qtype)
 
 
 def _order(key: str, rows: int, n_head: int | None, n_kv: int | None) -> torch.Tensor | None:
@@ -420,11 +476,6 @@ def _order(key: str, rows: int, n_head: int | None, n_kv: int | None) -> torch.T
     if ".k_proj." in key:
         return permute_rows(rows, n_head, n_kv)
     return None
-
-
-def _linear(module: str, q: QuantizedLinear, order: torch.Tensor | None) -> tuple[np.ndarray, str]:
-    qtype = gguf_type(q.bits, q.codes.shape[1])
-    return _encode_linear(_grid(q, order), qtype), qtype
 
 
 def export_gguf(
@@ -450,12 +501,13 @@ def export_gguf(
     """
     arch = _check_args(model, bits_or_plan, embedding_type)
     base = unwrap(model)
-    plan_name, grids = _grids(model, bits_or_plan)
-    _check_weight_only(grids)
+    plan_name, plan, shapes, grid_of = _plan(model, bits_or_plan)
+    entries = _entries(base, plan, shapes, arch, embedding_type)
     target = _target(path, base, plan_name, overwrite)
     staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        _write(staging, base, grids, plan_name, arch, embedding_type, tokenizer, model)
+        writer = _writer(staging, base, entries, plan_name, arch, tokenizer, model)
+        _write_data(writer, entries, base, grid_of)
         os.replace(staging, target)
     finally:
         staging.unlink(missing_ok=True)
@@ -471,17 +523,18 @@ def export_gguf(
     return str(target)
 
 
-def _write(staging: Path, base, grids, plan_name: str, arch, embedding_type: str, tokenizer, model) -> None:
+def _writer(staging: Path, base, entries: list[_Entry], plan_name: str, arch, tokenizer, model) -> gguf.GGUFWriter:
+    """A writer with the header, metadata and every tensor's info written: what is left is the data, in order."""
     writer = gguf.GGUFWriter(staging, gguf.MODEL_ARCH_NAMES[arch])
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(Path(getattr(base, "name_or_path", "") or "model").name or "model")
     writer.add_string("quept.plan", plan_name)
     _add_hparams(writer, base.config)
-    types = []
-    for name, data, qtype in _tensors(base, grids, arch, embedding_type):
-        writer.add_tensor(name, data, raw_dtype=QType[qtype])
-        types.append(qtype)
-    linear = [gguf_type(q.bits, q.codes.shape[1]) for q in grids.values()]
+    for entry in entries:
+        writer.add_tensor_info(
+            entry.name, entry.shape, np.dtype(np.float32), entry.nbytes, raw_dtype=QType[entry.qtype]
+        )
+    linear = [entry.qtype for entry in entries if entry.linear]
     main = max(set(linear), key=linear.count)
     writer.add_file_type(
         getattr(gguf.LlamaFileType, FILE_TYPES.get(main, f"MOSTLY_{main}"), gguf.LlamaFileType.GUESSED)
@@ -490,8 +543,32 @@ def _write(staging: Path, base, grids, plan_name: str, arch, embedding_type: str
     _add_vocab(writer, model, tokenizer, base.config.vocab_size)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    return writer
+
+
+def _write_data(writer: gguf.GGUFWriter, entries: list[_Entry], base: nn.Module, grid_of: GridOf) -> None:
+    """Each tensor's data in the order of its info; an offloaded unit (block) is loaded while its tensors are
+    written and let go after (`quept_hf.calibration.offload.onloaded`), so the peak is about one block."""
+    units = offloaded_units(base)
+    with contextlib.ExitStack() as loaded:
+        current = None
+        for entry in tqdm(entries, desc="QuEPT: GGUF tensors", unit="tensor", leave=False):
+            unit = _unit_of(entry.source, units)
+            if unit != current:
+                loaded.close()
+                if unit is not None:
+                    loaded.enter_context(onloaded(units[unit], "cpu"))
+                current = unit
+            writer.write_tensor_data(_data(entry, base, grid_of))
     writer.close()
+
+
+def _unit_of(source: str | None, units: dict[str, nn.Module]) -> str | None:
+    """The offloaded unit (device-map entry) holding ``source`` (a module or tensor name), or None."""
+    if source is None:
+        return None
+    return next((u for u in units if u == "" or source == u or source.startswith(u + ".")), None)
 
 
 def gguf_summary(path: str | os.PathLike) -> dict:

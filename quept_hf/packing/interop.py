@@ -69,7 +69,7 @@ from torch import nn
 from ..atomic import staged_folder
 from ..compat import unwrap
 from ..inspection import base_state_dict, quept_linears
-from .plan import BitsOrPlan, QuantizedLinear, check_target, quantize_layers, resolve_plan
+from .plan import BitsOrPlan, QuantizedLinear, check_target, quantize_layers, refuse_offloaded, resolve_plan
 
 __all__ = ["VLLM_TARGET", "compressed_tensors_available", "export_compressed_tensors"]
 
@@ -213,6 +213,7 @@ def export_compressed_tensors(
         raise ValueError(f"target={target!r}: allowed are None (the general format) and {VLLM_TARGET!r}")
     out_dir = os.fspath(out_dir)
     check_target(out_dir, overwrite)
+    refuse_offloaded(model, "export_compressed_tensors")
     base = unwrap(model)
     _, plan = resolve_plan(model, bits_or_plan)
     layers = quantize_layers(model, plan)

@@ -169,6 +169,16 @@ def _quantize(
     return QuantizedLinear(codes, scales, zeros, bias, bits, group_size, act_bits, layer.input_transform, act_log_step)
 
 
+def refuse_offloaded(model: nn.Module, what: str) -> None:
+    """``what`` builds its result in memory: refuse a model whose weights accelerate offloads (meta tensors)."""
+    if any(p.device.type == "meta" for p in unwrap(model).parameters()):
+        raise ValueError(
+            f"{what}: the model's weights are offloaded (device_map), and {what} builds its result in memory; "
+            "write the frozen model block by block with quept_hf.packing.stream.save_frozen(model, folder, bits, "
+            "plans), or a llama.cpp file with quept_hf.export(model, bits, path, format='gguf') (streamed too)"
+        )
+
+
 def check_target(out_dir: str, overwrite: bool) -> None:
     if os.path.isfile(out_dir):
         raise ValueError(f"export target {out_dir} is a file, not a folder")

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.utils.logging import tqdm
 
+from ..atomic import staged_folder
 from ..calibration.offload import has_offloaded, onloaded, stored_tensor
 from ..compat import unwrap
 from ..models import architecture_for
@@ -97,7 +98,8 @@ def save_frozen(
 
     Same arguments and result as ``quept_hf.freeze(model, bits, plans, head_bits=...).save_pretrained(folder)``,
     at a peak memory of one block: for models dispatched by accelerate with their weights offloaded (any model
-    works). Load the result with ``from_pretrained(folder)``.
+    works). Load the result with ``from_pretrained(folder)``. The folder is written in a staging folder next to it
+    and swapped in at the end: it holds the old checkpoint or the new one, never a part of it.
     """
     base = unwrap(model)
     config = base.config.quantization_config
@@ -112,10 +114,27 @@ def save_frozen(
         hf_config.tie_word_embeddings = False
     metadata = format_record(types.SimpleNamespace(config=types.SimpleNamespace(quantization_config=description)))
     folder = os.fspath(save_directory)
-    os.makedirs(folder, exist_ok=True)
+    with staged_folder(folder) as staging:
+        weight_map = _write_tensors(model, staging, kept, metadata, head_bits)
+        _write_index(staging, weight_map)
+        hf_config.quantization_config = description.to_dict()
+        hf_config.dtype = base.dtype
+        hf_config.save_pretrained(staging)
+        if getattr(base, "generation_config", None) is not None:
+            base.generation_config.save_pretrained(staging)
+    logger.info("QuEPT: froze %d linear layers into %s, one block at a time (bits %s, plans %s)", len(kept), folder,
+                uniform, sorted(plan_maps))  # fmt: skip
+    return folder
 
+
+def _write_tensors(
+    model: nn.Module, folder: str, kept: dict[str, list[int]], metadata: dict, head_bits: int | None
+) -> dict[str, str]:
+    """One shard per block (loaded, frozen, written, let go), then one for the rest; returns the weight map."""
+    base = unwrap(model)
     names = {id(m): n for n, m in base.named_modules()}
-    blocks = [b for chain in architecture_for(base).chains(base, config.quantize_vision_tower) for b in chain.blocks]
+    chains = architecture_for(base).chains(base, base.config.quantization_config.quantize_vision_tower)
+    blocks = [b for chain in chains for b in chain.blocks]
     block_names = [names[id(b)] for b in blocks]
     kept_prefixes = tuple(m + "." for m in kept)
     shards = [f"model-{i + 1:05d}-of-{len(blocks) + 1:05d}.safetensors" for i in range(len(blocks) + 1)]
@@ -130,15 +149,7 @@ def save_frozen(
     rest = _rest(model, base, kept, block_names, kept_prefixes, head_bits)
     _write_shard(folder, shards[-1], rest, metadata)
     weight_map.update(dict.fromkeys(rest, shards[-1]))
-    _write_index(folder, weight_map)
-    hf_config.quantization_config = description.to_dict()
-    hf_config.dtype = base.dtype
-    hf_config.save_pretrained(folder)
-    if getattr(base, "generation_config", None) is not None:
-        base.generation_config.save_pretrained(folder)
-    logger.info("QuEPT: froze %d linear layers into %s, one block at a time (bits %s, plans %s)", len(kept), folder,
-                uniform, sorted(plan_maps))  # fmt: skip
-    return folder
+    return weight_map
 
 
 def _rest(
