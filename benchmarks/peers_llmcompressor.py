@@ -114,7 +114,7 @@ def evaluation_windows(smol: common.SmolLM2, corpus: str, windows: int) -> list[
     token ids and how many of their last tokens are targets."""
     texts = {"wiki": smol.eval_texts, "news": assets.news_articles()}[corpus]
     ids = smol.tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
-    picked = evaluation._pick(evaluation._windows(ids.numel(), EVAL_LEN, EVAL_LEN), windows)
+    picked = evaluation.perplexity_windows(ids.numel(), EVAL_LEN, max_windows=windows)
     return [{"ids": ids[b:e].tolist(), "targets": targets} for b, e, targets in picked]
 
 

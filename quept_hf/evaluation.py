@@ -58,6 +58,17 @@ def _pick(windows: list, max_windows: int | None) -> list:
     return [windows[int(i * step)] for i in range(max_windows)]
 
 
+def perplexity_windows(
+    total: int, seq_len: int = 512, stride: int | None = None, max_windows: int | None = None
+) -> list[tuple[int, int, int]]:
+    """``(begin, end, scored tokens)`` of every window `perplexity` scores in a text of ``total`` tokens, so that
+    another tool (a peer quantizer's own venv) can score exactly the same tokens. Arguments as in `perplexity`."""
+    stride = seq_len if stride is None else stride
+    if not 0 < stride <= seq_len:
+        raise ValueError(f"stride={stride} must lie in 1..seq_len={seq_len}")
+    return _pick(_windows(total, seq_len, stride), max_windows)
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -76,11 +87,8 @@ def perplexity(
         max_windows: score at most this many windows, evenly spread over the text (``None``: all).
         batch_size: windows of equal length run together.
     """
-    stride = seq_len if stride is None else stride
-    if not 0 < stride <= seq_len:
-        raise ValueError(f"stride={stride} must lie in 1..seq_len={seq_len}")
     ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
-    windows = _pick(_windows(ids.numel(), seq_len, stride), max_windows)
+    windows = perplexity_windows(ids.numel(), seq_len, stride, max_windows)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -391,3 +391,14 @@ def test_lm_eval_tasks_without_lm_eval_says_how_to_install(quept_llama, model_an
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError, installed or not
     with pytest.raises(ImportError, match=r"pip install 'quept-hf\[eval\]'"):
         lm_eval_tasks(quept_llama, model_and_tokenizer[1], LM_TASK)
+
+
+def test_perplexity_windows_are_the_scored_ones():
+    from quept_hf.evaluation import perplexity_windows
+
+    assert perplexity_windows(1000, 512) == [(0, 512, 512), (512, 1000, 488)]
+    assert perplexity_windows(1000, 512, stride=256) == [(0, 512, 512), (256, 768, 256), (512, 1000, 232)]
+    spread = perplexity_windows(100 * 10, 10, max_windows=4)
+    assert [b for b, _, _ in spread] == [0, 250, 500, 750]  # evenly over the text, not its beginning
+    with pytest.raises(ValueError, match="stride=600"):
+        perplexity_windows(1000, 512, stride=600)
