@@ -38,6 +38,7 @@ def parse_args():
     parser.add_argument("--bits", default="2,3,4,5,6,8", help="bit-widths to evaluate, comma-separated")
     parser.add_argument("--windows", type=int, default=16, help="512-token evaluation windows per corpus")
     parser.add_argument("--quept-only", action="store_true", help="leave rtn and gptq out (e.g. single-bit models)")
+    parser.add_argument("--search-only", action="store_true", help="leave quept+gptq out (the default freeze only)")
     parser.add_argument("--tag", default="", help="suffix of the CSV name (keeps runs apart)")
     return parser.parse_args()
 
@@ -74,7 +75,8 @@ def main() -> None:
         models["rtn"] = smol.load(same_grid)
         models["gptq"], seconds["gptq"] = frozen_with_compensation(models["rtn"], smol, bits, grid_search=False)
     models["quept"] = calibrated
-    models["quept+gptq"], seconds["quept+gptq"] = frozen_with_compensation(calibrated, smol, bits, grid_search=False)
+    if not args.search_only:
+        models["quept+gptq"], seconds["quept+gptq"] = frozen_with_compensation(calibrated, smol, bits, False)
     models["quept+search"], seconds["quept+search"] = frozen_with_compensation(calibrated, smol, bits, True)
 
     rows = []
