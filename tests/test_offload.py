@@ -273,7 +273,7 @@ def test_save_pretrained_of_an_offloaded_model_refuses_when_ram_is_short(offload
 def test_in_memory_exports_of_an_offloaded_model_point_to_the_streamed_ones(offloaded, tmp_path):
     from quept_hf.packing.interop import compressed_tensors_available, export_compressed_tensors
 
-    with pytest.raises(ValueError, match="export: the model's weights are offloaded.*save_frozen.*format='gguf'"):
+    with pytest.raises(ValueError, match=r"export: the model's weights are offloaded.*save_frozen.*format='gguf'"):
         quept_hf.export(offloaded, 4, tmp_path / "packed")
     if compressed_tensors_available():
         with pytest.raises(ValueError, match="export_compressed_tensors: the model's weights are offloaded"):
