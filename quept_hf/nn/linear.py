@@ -153,6 +153,11 @@ class QuEPTLinear(nn.Module):
                 del params[key]
 
     @property
+    def input_bits(self) -> int:
+        """The width the input is quantized at (when ``quantize_activations``): ``activation_bits`` or the active."""
+        return self.activation_bits if self.activation_bits is not None else self.active_bits
+
+    @property
     def is_float(self) -> bool:
         return self.active_bits >= FLOAT_BITS
 
@@ -170,8 +175,7 @@ class QuEPTLinear(nn.Module):
         """The layer's input as it enters the matmul at ``act_bits`` (default: the active activation width)."""
         if self.input_transform is not None:
             x = self.input_transform(x)
-        if act_bits is None:
-            act_bits = self.activation_bits if self.activation_bits is not None else self.active_bits
+        act_bits = self.input_bits if act_bits is None else act_bits
         if self.quantize_activations and act_bits < FLOAT_BITS:
             if self.activation_granularity == "per_tensor":
                 return fake_quantize_activation_static(x, act_bits, self.clip_act[str(act_bits)])
@@ -182,8 +186,7 @@ class QuEPTLinear(nn.Module):
         """``delta``: the MB-CLoRA weight update of the active bit-width, if any."""
         if self.gradient_checkpointing and torch.is_grad_enabled() and self._needs_grad(delta):
             # the widths are fixed now: the recompute runs in backward, possibly after a switch
-            act_bits = self.activation_bits if self.activation_bits is not None else self.active_bits
-            return checkpoint(self._recomputable, x, delta, self.active_bits, act_bits, use_reentrant=False)
+            return checkpoint(self._recomputable, x, delta, self.active_bits, self.input_bits, use_reentrant=False)
         weight = self._cached_weight(delta)
         return F.linear(self.quantize_input(x), weight.to(x.dtype), self.bias)
 
