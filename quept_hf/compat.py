@@ -156,12 +156,12 @@ def mask_function(implementation: str, default: Callable) -> Callable:
     return ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(implementation, default)
 
 
-def cached_file_or_none(repo: str, filename: str) -> str | None:
+def cached_file_or_none(repo: str, filename: str, revision: str | None = None) -> str | None:
     """Path of ``filename`` of a Hub repo (downloaded or cached), or None when the repo has no such file
     (``cached_file``'s ``_raise_exceptions_for_missing_entries``: the public ``has_file`` asks the network)."""
     from transformers.utils import cached_file
 
-    return cached_file(repo, filename, _raise_exceptions_for_missing_entries=False)
+    return cached_file(repo, filename, revision=revision, _raise_exceptions_for_missing_entries=False)
 
 
 # ---------------------------------------------------------------------------------- instance overrides

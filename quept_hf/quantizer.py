@@ -16,6 +16,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from . import saving
 from .calibration import calibrate
+from .calibration.offload import holds
 from .calibration.rotation import install_online_transforms, resolve_transforms, rotate_model
 from .compat import allow_missing_on_load, loaded_from_checkpoint
 from .config import QuEPTConfig
@@ -267,7 +268,7 @@ def _check_loaded(layers: dict[str, QuEPTLinear]) -> None:
         for name, layer in layers.items()
         for kind in ("clip_upper", "clip_lower", "clip_act")
         for bits, param in getattr(layer, kind).items()
-        if not loaded_from_checkpoint(param)
+        if not (loaded_from_checkpoint(param) or (param.device.type == "meta" and holds(layer, f"{kind}.{bits}")))
     ]
     if missing:
         shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")

@@ -27,17 +27,20 @@ import tempfile
 from collections.abc import Iterator
 
 import torch
+from accelerate.utils import set_module_tensor_to_device
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
+from safetensors import safe_open
 from torch import nn
 
 from .calibration.memory import available_memory
-from .calibration.offload import stored_tensor
-from .compat import override_method, record_weight_conversions, saving_whole_model, unwrap
+from .calibration.offload import is_offloaded, offloaded_units, prepare, stored_tensor
+from .compat import cached_file_or_none, override_method, record_weight_conversions, saving_whole_model, unwrap
 from .config import quept_config
 from .hub import stamp_metadata, write_card_files
 from .inspection import base_state_dict, elastic_adapter
-from .mbclora.model import INJECTION_HOOKS, check_slices_loaded
+from .mbclora.model import INJECTION_HOOKS, check_slices_loaded, slice_checkpoint_name
 from .mixed_precision import SENSITIVITY_NAME, save_sensitivity
 from .serialization import (
     MANIFEST_NAME,
@@ -299,12 +302,41 @@ def _checked_load_adapter(self, *args, **kwargs):
     check_adapter_source(source)
     info = type(self).load_adapter(self, *args, **kwargs)
     found = elastic_adapter(self)
-    if found is not None and info is not None:
+    if found is not None and is_offloaded(unwrap(self)):
+        _store_offloaded_slices(self, source, found[0], kwargs.get("revision"))
+    elif found is not None and info is not None:
         check_slices_loaded(getattr(info, "missing_keys", ()), found[1], found[0])
     if found is not None:
         check_adapter_format(source, found[1], getattr(self.config, "_commit_hash", None))
         check_plans(self)
     return info
+
+
+def _store_offloaded_slices(model: nn.Module, source: str | os.PathLike, adapter_name: str, revision) -> None:
+    """The MB-CLoRA slices of offloaded layers, read from the adapter file into accelerate's storage, one unit at
+    a time. transformers' ``load_adapter`` of a dispatched model leaves them on meta with no value anywhere
+    (copying into a meta tensor does nothing, silently), so the model would run with untrained adapters."""
+    base = unwrap(model)
+    source = os.fspath(source)
+    path = os.path.join(source, ADAPTER_WEIGHTS_NAME) if os.path.isdir(source) else None
+    path = path or cached_file_or_none(source, ADAPTER_WEIGHTS_NAME, revision)
+    if path is None or not os.path.isfile(path):
+        raise ValueError(f"{source!r}: the adapter of an offloaded model is read from its {ADAPTER_WEIGHTS_NAME}, "
+                         "which is not there")  # fmt: skip
+    names = {id(unit): name for name, unit in offloaded_units(base).items()}
+    with safe_open(path, framework="pt") as stored:
+        keys = set(stored.keys())
+        wanted = {key: slice_checkpoint_name(key, adapter_name) for key, p in base.named_parameters() if p.is_meta}
+        missing = [key for key, file_key in wanted.items() if file_key is not None and file_key not in keys]
+        check_slices_loaded(missing, elastic_adapter(model)[1], adapter_name)
+
+        def from_file(unit: nn.Module) -> None:  # the unit is loaded on the CPU; its new slices are still meta
+            for name, param in list(unit.named_parameters()):
+                file_key = slice_checkpoint_name(f"{names[id(unit)]}.{name}", adapter_name)
+                if file_key is not None and param.is_meta:
+                    set_module_tensor_to_device(unit, name, "cpu", value=stored.get_tensor(file_key))
+
+        prepare(base, init=from_file)  # stores what from_file put in, unit by unit
 
 
 INJECTION_HOOKS.append(install)

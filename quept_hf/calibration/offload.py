@@ -44,7 +44,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ActivationStore",
+    "each_onloaded",
     "has_offloaded",
+    "holds",
     "is_offloaded",
     "offloaded_units",
     "onloaded",
@@ -222,6 +224,16 @@ def stored_tensor(model: nn.Module, key: str) -> torch.Tensor | None:
     return None
 
 
+def holds(module: nn.Module, name: str) -> bool:
+    """Whether accelerate keeps a value for ``module``'s offloaded tensor ``name`` (e.g. ``"clip_upper.4"``):
+    loading a checkpoint with ``device_map`` puts offloaded tensors there, never in the (meta) parameter."""
+    hook = getattr(module, "_hf_hook", None)
+    if not isinstance(hook, AlignDevicesHook) or hook.weights_map is None:
+        return False
+    loader, prefix = _loader(hook)
+    return _stored(loader, prefix + name)
+
+
 def drop_weight_caches(module: nn.Module) -> None:
     """QuEPTLinear caches its quantized (or float) weight: on an offloaded layer that would pin its weights."""
     for layer in module.modules():
@@ -332,15 +344,19 @@ def prepare(model: nn.Module, init: Callable[[nn.Module], None] = _init_missing)
 
 def replay(model: nn.Module, kind: type, fn: Callable[[nn.Module], None]) -> None:
     """Call ``fn(layer)`` for every ``kind`` module in module order, each with its offloaded unit loaded on the
-    CPU (consecutive layers of one unit share one load): re-running a seeded initialiser this way gives the
-    values an in-memory model gets."""
+    CPU: re-running a seeded initialiser this way gives the values an in-memory model gets."""
+    for layer in each_onloaded(model, [m for m in model.modules() if isinstance(m, kind)]):
+        fn(layer)
+
+
+def each_onloaded(model: nn.Module, modules: Iterable[nn.Module]) -> Iterator[nn.Module]:
+    """Yield each of ``modules`` with its offloaded unit loaded on the CPU (consecutive modules of one unit share
+    one load; what they change is written back when the generator moves past the unit)."""
     units = offloaded_units(model)
     owner = {id(m): name for name, unit in units.items() for m in unit.modules()}
-    layers = [m for m in model.modules() if isinstance(m, kind)]
-    for unit, members in itertools.groupby(layers, key=lambda layer: owner.get(id(layer))):
+    for unit, members in itertools.groupby(modules, key=lambda module: owner.get(id(module))):
         with onloaded(units[unit], "cpu") if unit is not None else contextlib.nullcontext():
-            for layer in members:
-                fn(layer)
+            yield from members
 
 
 # -------------------------------------------------------------------------------------- activations

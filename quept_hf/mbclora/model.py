@@ -145,6 +145,13 @@ class MBCLoRAModel(BaseTuner):
         return model
 
 
+def slice_checkpoint_name(key: str, adapter_name: str) -> str | None:
+    """The adapter file's name of the MB-CLoRA slice ``key`` in model naming (``m.mbclora_A.<adapter>.k`` ->
+    ``base_model.model.m.mbclora_A.k``, PEFT's convention); None for any other key."""
+    match = re.match(rf"^(.+\.mbclora_[AB])\.{re.escape(adapter_name)}\.(\d+)$", key)
+    return None if match is None else f"base_model.model.{match.group(1)}.{match.group(2)}"
+
+
 def check_slices_loaded(missing_keys, config: MBCLoRAConfig, adapter_name: str) -> None:
     """Raise a ValueError naming every MB-CLoRA slice of ``adapter_name`` among ``missing_keys`` (model naming) in
     checkpoint naming, and the bit-widths that use them; other keys are ignored."""

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..atomic import staged_folder
+from ..calibration.offload import has_offloaded
 from ..calibration.rotation import restored_on_load  # the rotation's online Hadamard comes back from the config
 from ..compat import unwrap
 from ..config import FORMAT_VERSION, PACKED_FORMAT, PACKED_VERSION, QuEPTConfig, quept_config
@@ -36,6 +37,7 @@ from ..inspection import base_state_dict
 from .gguf import export_gguf
 from .linear import PackedLinear
 from .plan import BitsOrPlan, QuantizedLinear, check_target, quantize_layers, refuse_offloaded, resolve_plan
+from .stream import write_blockwise
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +80,9 @@ def packed_config(config: QuEPTConfig, name: str, layers: dict[str, QuantizedLin
     return QuEPTConfig.from_dict(data)
 
 
-def _packed_state_dict(base: nn.Module, layers: dict[str, QuantizedLinear]) -> dict[str, torch.Tensor]:
-    """Every non-packed tensor of the model (adapters stripped) plus the packed layers' tensors."""
-    prefixes = tuple(name + "." for name in layers)
-    state = {k: v for k, v in base_state_dict(base).items() if not k.startswith(prefixes)}
+def _packed_tensors(layers: dict[str, QuantizedLinear]) -> dict[str, torch.Tensor]:
+    """The stored tensors of the packed layers (codes packed densely, scales, zero points, bias)."""
+    state = {}
     for name, q in layers.items():
         module = PackedLinear.from_codes(
             q.codes,
@@ -97,6 +98,13 @@ def _packed_state_dict(base: nn.Module, layers: dict[str, QuantizedLinear]) -> d
     return state
 
 
+def _packed_hf_config(model: nn.Module, name: str, layers: dict[str, QuantizedLinear]):
+    base = unwrap(model)
+    hf_config = type(base.config).from_dict(base.config.to_dict())
+    hf_config.quantization_config = packed_config(quept_config(model), name, layers).to_dict()
+    return hf_config
+
+
 def pack_model(model: nn.Module, bits_or_plan: BitsOrPlan) -> nn.Module:
     """An in-memory packed copy of ``model`` at ``bits_or_plan`` (see `export`); ``model`` is left unchanged.
 
@@ -104,13 +112,16 @@ def pack_model(model: nn.Module, bits_or_plan: BitsOrPlan) -> nn.Module:
     the very model ``from_pretrained`` of the exported folder gives. Input transforms (online rotations) are
     carried over in memory.
     """
-    refuse_offloaded(model, "export")
-    base = unwrap(model)
+    refuse_offloaded(model, "pack_model")
     name, plan = resolve_plan(model, bits_or_plan)
-    layers = quantize_layers(model, plan)
-    hf_config = type(base.config).from_dict(base.config.to_dict())
-    hf_config.quantization_config = packed_config(quept_config(model), name, layers).to_dict()
-    state = _packed_state_dict(base, layers)
+    return _packed_model(model, name, quantize_layers(model, plan))
+
+
+def _packed_model(model: nn.Module, name: str, layers: dict[str, QuantizedLinear]) -> nn.Module:
+    base = unwrap(model)
+    prefixes = tuple(module + "." for module in layers)
+    state = {k: v for k, v in base_state_dict(base).items() if not k.startswith(prefixes)} | _packed_tensors(layers)
+    hf_config = _packed_hf_config(model, name, layers)
     packed = type(base).from_pretrained(None, config=hf_config, state_dict=state, dtype=base.dtype).eval()
     if getattr(base, "generation_config", None) is not None:
         packed.generation_config = copy.deepcopy(base.generation_config)
@@ -152,21 +163,47 @@ def export(
         return export_gguf(model, bits_or_plan, out_dir, tokenizer=tokenizer, overwrite=overwrite, **save_kwargs)
     out_dir = os.fspath(out_dir)
     check_target(out_dir, overwrite)
-    packed = pack_model(model, bits_or_plan)
-    config = packed.config.quantization_config
+    name, plan = resolve_plan(model, bits_or_plan)
+    layers = quantize_layers(model, plan)  # offloaded layers come as meta tensors: their format, no weight read
+    _refuse_input_transforms(layers, quept_config(model))
+    with staged_folder(out_dir) as staging:
+        if has_offloaded(unwrap(model)):
+            _save_streamed(model, name, plan, layers, staging, save_kwargs)
+        else:
+            _packed_model(model, name, layers).save_pretrained(staging, **save_kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+    logger.info("QuEPT: exported %s to %s", name, out_dir)
+    return out_dir
+
+
+def _refuse_input_transforms(layers: dict[str, QuantizedLinear], config: QuEPTConfig) -> None:
+    """The packed format stores the rotation's online Hadamard (restored from the config), no other transform."""
     transformed = [
-        n
-        for n, m in packed.named_modules()
-        if isinstance(m, PackedLinear) and m.input_transform and not restored_on_load(m.input_transform, config)
+        n for n, q in layers.items() if q.input_transform and not restored_on_load(q.input_transform, config)
     ]
     if transformed:
         raise ValueError(
             f"{len(transformed)} layers (e.g. {transformed[0]}) apply an online input transform, which the packed "
             "format cannot store yet; use pack_model() for an in-memory packed model instead"
         )
-    with staged_folder(out_dir) as staging:
-        packed.save_pretrained(staging, **save_kwargs)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-    logger.info("QuEPT: exported %s to %s", packed.config.quantization_config.packed["source"], out_dir)
-    return out_dir
+
+
+def _save_streamed(
+    model: nn.Module, name: str, plan: dict[str, int], layers: dict[str, QuantizedLinear], folder: str, save_kwargs
+) -> None:
+    """The packed folder of a model accelerate offloads, one block at a time (`write_blockwise`): the folder
+    ``pack_model(model, plan).save_pretrained(folder)`` gives, at a peak memory of one block."""
+    if save_kwargs:
+        raise ValueError(
+            f"export: {sorted(save_kwargs)} apply to save_pretrained of an in-memory model; the export of an "
+            "offloaded model writes one safetensors shard per block"
+        )
+    base = unwrap(model)
+    write_blockwise(model, folder, plan, lambda m: _packed_tensors(quantize_layers(model, {n: plan[n] for n in m})),
+                    {"format": "pt"})  # fmt: skip
+    hf_config = _packed_hf_config(model, name, layers)
+    hf_config.dtype = base.dtype
+    hf_config.save_pretrained(folder)
+    if getattr(base, "generation_config", None) is not None:
+        base.generation_config.save_pretrained(folder)

@@ -61,15 +61,18 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from ..atomic import staged_folder
+from ..calibration.offload import has_offloaded
 from ..compat import unwrap
 from ..inspection import base_state_dict, quept_linears
-from .plan import BitsOrPlan, QuantizedLinear, check_target, quantize_layers, refuse_offloaded, resolve_plan
+from .plan import BitsOrPlan, QuantizedLinear, check_target, quantize_layers, resolve_plan
+from .stream import write_blockwise
 
 __all__ = ["VLLM_TARGET", "compressed_tensors_available", "export_compressed_tensors"]
 
@@ -213,25 +216,36 @@ def export_compressed_tensors(
         raise ValueError(f"target={target!r}: allowed are None (the general format) and {VLLM_TARGET!r}")
     out_dir = os.fspath(out_dir)
     check_target(out_dir, overwrite)
-    refuse_offloaded(model, "export_compressed_tensors")
     base = unwrap(model)
     _, plan = resolve_plan(model, bits_or_plan)
-    layers = quantize_layers(model, plan)
+    layers = quantize_layers(model, plan)  # offloaded layers come as meta tensors: their format, no weight read
     w8a8 = target == VLLM_TARGET and _check_vllm(layers)
     _check_supported(layers, allow_int8_tokens=w8a8)
-    prefixes = tuple(name + "." for name in quept_linears(base))
-    state = {k: v for k, v in base_state_dict(base).items() if not k.startswith(prefixes)}
-    report: dict | None = None
-    if w8a8:
-        report = _w8a8_tensors(layers, state)
-    else:
-        _, size = _ct_grouping(layers)
-        for name, q in layers.items():
-            state.update(_ct_tensors(name, q, size))
-        if target == VLLM_TARGET:
-            report = _report_w4(layers, size)
+    _, size = _ct_grouping(layers)
+    int8 = _Int8Conversion() if w8a8 else None
+
+    def converted(quantized: dict[str, QuantizedLinear]) -> dict[str, torch.Tensor]:
+        state = {}
+        for name, q in quantized.items():
+            state.update(int8.tensors(name, q) if int8 is not None else _ct_tensors(name, q, size))
+        return state
+
+    def write_weights(folder: str) -> None:
+        if has_offloaded(base):  # one block at a time: the offloaded weights are never all in memory
+            write_blockwise(model, folder, plan, lambda m: converted(quantize_layers(model, {n: plan[n] for n in m})),
+                            {"format": "pt"})  # fmt: skip
+            return
+        prefixes = tuple(name + "." for name in quept_linears(base))
+        state = {k: v for k, v in base_state_dict(base).items() if not k.startswith(prefixes)} | converted(layers)
+        save_file(_dedupe_tied(state), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+
+    def report() -> dict | None:
+        if int8 is not None:
+            return int8.report(weight_only=all(q.activation_bits is None for q in layers.values()))
+        return _report_w4(layers, size) if target == VLLM_TARGET else None
+
     floats = [n for n, m in base.named_modules() if type(m) is nn.Linear]
-    _write_folder(base, _dedupe_tied(state), _ct_config(layers, floats, w8a8), out_dir, tokenizer, report)
+    _write_folder(base, write_weights, _ct_config(layers, floats, w8a8), out_dir, tokenizer, report)
     return out_dir
 
 
@@ -328,55 +342,62 @@ def _int8_rows(q: QuantizedLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return codes.to(torch.int8), scale, exact, target
 
 
-def _w8a8_tensors(layers: dict[str, QuantizedLinear], state: dict[str, torch.Tensor]) -> dict:
-    """``weight`` (int8) / ``weight_scale`` (out, 1) (+ bias) of every layer into ``state``; the conversion report."""
-    rows = rows_exact = 0
-    max_err = sq_err = sq_ref = 0.0
-    worst = ""
-    for name, q in layers.items():
+class _Int8Conversion:
+    """QuEPT layers to vLLM's W8A8 int8 tensors, one at a time (a streamed export sees them block by block), and
+    the running error of the conversion that `report` states."""
+
+    def __init__(self) -> None:
+        self.rows = self.rows_exact = 0
+        self.max_err = self.sq_err = self.sq_ref = 0.0
+        self.worst = ""
+
+    def tensors(self, name: str, q: QuantizedLinear) -> dict[str, torch.Tensor]:
+        """``weight`` (int8) / ``weight_scale`` (out, 1) (+ bias) of one layer; its error is added up."""
         codes, scale, exact, target = _int8_rows(q)
         diff = codes.to(torch.float32) * scale - target
         layer_max = diff.abs().max().item()
-        if layer_max > max_err:
-            max_err, worst = layer_max, name
-        sq_err += diff.pow(2).sum().item()
-        sq_ref += target.pow(2).sum().item()
-        rows, rows_exact = rows + exact.numel(), rows_exact + int(exact.sum())
-        state[f"{name}.weight"] = codes.contiguous()
-        state[f"{name}.weight_scale"] = scale.to(q.scales.dtype).contiguous()
+        if layer_max > self.max_err:
+            self.max_err, self.worst = layer_max, name
+        self.sq_err += diff.pow(2).sum().item()
+        self.sq_ref += target.pow(2).sum().item()
+        self.rows, self.rows_exact = self.rows + exact.numel(), self.rows_exact + int(exact.sum())
+        out = {f"{name}.weight": codes.contiguous(), f"{name}.weight_scale": scale.to(q.scales.dtype).contiguous()}
         if q.bias is not None:
-            state[f"{name}.bias"] = q.bias.contiguous()
-    relative = math.sqrt(sq_err / sq_ref) if sq_ref else 0.0
-    weight_only = all(q.activation_bits is None for q in layers.values())
-    report = {
-        "target": VLLM_TARGET,
-        "scheme": "W8A8 int8: symmetric per-channel int-quantized weights, dynamic per-token int8 activations",
-        "exact": rows_exact == rows,
-        "weight_max_abs_error": max_err,
-        "weight_max_abs_error_layer": worst,
-        "weight_relative_error": relative,
-        "rows_exact": rows_exact,
-        "rows": rows,
-        "activations": (
-            "vLLM quantizes them per token to int8 (absmax / 127): an approximation the weight-only QuEPT model "
-            "does not make"
-            if weight_only
-            else "per-token int8 absmax / 127: QuEPT's own activation quantizer"
-        ),
-        "vllm_dtype": "bfloat16",
-        "vllm_dtype_why": (
-            "on an AMX CPU vLLM runs symmetric-input W8A8 with its sgl int8 kernel, bfloat16 only (float16 aborts: "
-            "'scale_C: scalar path not implemented', gemm_int8.cpp); without AMX (oneDNN) any dtype"
-        ),
-    }
-    if not report["exact"]:
-        warnings.warn(
-            f"target='vllm' at 8 bits: {rows - rows_exact} of {rows} rows do not fit a symmetric int8 row "
-            f"(QuEPT's asymmetric grid); re-gridded against QuEPT's dequantized weight: relative error "
-            f"{relative:.2e}, max |error| {max_err:.2e} ({worst}); see quept_export.json",
-            stacklevel=3,
-        )
-    return report
+            out[f"{name}.bias"] = q.bias.contiguous()
+        return out
+
+    def report(self, weight_only: bool) -> dict:
+        """What the W8A8 export is, and its error against QuEPT's dequantized weights (a warning when inexact)."""
+        relative = math.sqrt(self.sq_err / self.sq_ref) if self.sq_ref else 0.0
+        report = {
+            "target": VLLM_TARGET,
+            "scheme": "W8A8 int8: symmetric per-channel int-quantized weights, dynamic per-token int8 activations",
+            "exact": self.rows_exact == self.rows,
+            "weight_max_abs_error": self.max_err,
+            "weight_max_abs_error_layer": self.worst,
+            "weight_relative_error": relative,
+            "rows_exact": self.rows_exact,
+            "rows": self.rows,
+            "activations": (
+                "vLLM quantizes them per token to int8 (absmax / 127): an approximation the weight-only QuEPT model "
+                "does not make"
+                if weight_only
+                else "per-token int8 absmax / 127: QuEPT's own activation quantizer"
+            ),
+            "vllm_dtype": "bfloat16",
+            "vllm_dtype_why": (
+                "on an AMX CPU vLLM runs symmetric-input W8A8 with its sgl int8 kernel, bfloat16 only (float16 "
+                "aborts: 'scale_C: scalar path not implemented', gemm_int8.cpp); without AMX (oneDNN) any dtype"
+            ),
+        }
+        if not report["exact"]:
+            warnings.warn(
+                f"target='vllm' at 8 bits: {self.rows - self.rows_exact} of {self.rows} rows do not fit a symmetric "
+                f"int8 row (QuEPT's asymmetric grid); re-gridded against QuEPT's dequantized weight: relative error "
+                f"{relative:.2e}, max |error| {self.max_err:.2e} ({self.worst}); see quept_export.json",
+                stacklevel=5,  # report <- the export's report() <- _write_folder <- export_compressed_tensors
+            )
+        return report
 
 
 def _check_supported(layers: dict[str, QuantizedLinear], allow_int8_tokens: bool = False) -> None:
@@ -408,19 +429,26 @@ def _check_supported(layers: dict[str, QuantizedLinear], allow_int8_tokens: bool
 
 
 def _write_folder(
-    base: nn.Module, state: dict, quant_config: dict, out_dir: str, tokenizer, report: dict | None = None
+    base: nn.Module,
+    write_weights: Callable[[str], None],
+    quant_config: dict,
+    out_dir: str,
+    tokenizer,
+    report: Callable[[], dict | None],
 ) -> None:
-    """config.json (with the compressed-tensors block), generation config, model.safetensors (and the conversion
-    report ``quept_export.json`` of a targeted export): staged, then moved."""
+    """The weights (``write_weights(folder)``), config.json (with the compressed-tensors block), generation config
+    and the conversion report ``quept_export.json`` of a targeted export (``report()``, once the weights are
+    written): staged, then moved."""
     with staged_folder(out_dir) as staging:
-        if report is not None:
+        write_weights(staging)
+        stated = report()
+        if stated is not None:
             with open(os.path.join(staging, "quept_export.json"), "w") as handle:
-                json.dump(report, handle, indent=2)
+                json.dump(stated, handle, indent=2)
         config = type(base.config).from_dict(copy.deepcopy(base.config.to_dict()))
         config.quantization_config = quant_config
         config.save_pretrained(staging)
         if getattr(base, "generation_config", None) is not None:
             base.generation_config.save_pretrained(staging)
-        save_file(state, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)

@@ -174,8 +174,9 @@ def refuse_offloaded(model: nn.Module, what: str) -> None:
     if any(p.device.type == "meta" for p in unwrap(model).parameters()):
         raise ValueError(
             f"{what}: the model's weights are offloaded (device_map), and {what} builds its result in memory; "
-            "write the frozen model block by block with quept_hf.packing.stream.save_frozen(model, folder, bits, "
-            "plans), or a llama.cpp file with quept_hf.export(model, bits, path, format='gguf') (streamed too)"
+            "write it to disk block by block instead: the frozen model with quept_hf.packing.stream.save_frozen(model, "
+            "folder, bits, plans), the packed one with quept_hf.export(model, bits, folder) (format='gguf' for "
+            "llama.cpp), or export_compressed_tensors(model, bits, folder)"
         )
 
 

@@ -11,29 +11,42 @@ so ``from_pretrained(folder)`` (after ``import quept_hf``) loads the frozen mode
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
+import shutil
+import tempfile
 import types
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers.utils.logging import tqdm
 
 from ..atomic import staged_folder
-from ..calibration.offload import has_offloaded, onloaded, stored_tensor
+from ..calibration.offload import each_onloaded, has_offloaded, onloaded, stored_tensor
 from ..compat import unwrap
 from ..models import architecture_for
 from ..nn import QuEPTLinear
 from ..serialization import format_record
-from .freeze import HEAD_GROUP_SIZE, _check_head_bits, _frozen_tensors, _head_tensors, frozen_config, kept_widths
-from .plan import quantize_layers
+from .freeze import (
+    HEAD_GROUP_SIZE,
+    _check_head_bits,
+    _frozen_tensors,
+    _head_tensors,
+    _hessians_by_width,
+    frozen_config,
+    kept_widths,
+)
+from .plan import QuantizedLinear, quantize_layers
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["save_frozen"]
+__all__ = ["save_frozen", "write_blockwise"]
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -57,24 +70,26 @@ def _per_tensor(base: nn.Module, kept: dict[str, list[int]]) -> list[str]:
     )
 
 
-def _frozen_layers(model: nn.Module, modules: list[str], kept: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+def _frozen_layers(
+    model: nn.Module, modules: list[str], kept: dict[str, list[int]], compensated: CompensatedCodes
+) -> dict[str, torch.Tensor]:
     """The frozen tensors of ``modules`` (codes, scales, zero points of every kept width, bias)."""
     by_width: dict[str, dict] = {m: {} for m in modules}
     for b in sorted({b for m in modules for b in kept[m]}):
         for module, q in quantize_layers(model, {m: b for m in modules if b in kept[m]}).items():
-            by_width[module][b] = q
+            by_width[module][b] = compensated.apply(module, q)
     state: dict[str, torch.Tensor] = {}
     for module, widths in by_width.items():
         state.update(_frozen_tensors(module, widths))
     return state
 
 
-def _other_tensors(module: nn.Module, prefix: str, kept_prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Every tensor of ``module`` a frozen model keeps as it is (norms, embeddings): not of a kept linear."""
+def _other_tensors(module: nn.Module, prefix: str, quantized_prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Every tensor of ``module`` a checkpoint keeps as it is (norms, embeddings): not of a quantized linear."""
     state = {}
     for key, tensor in module.state_dict().items():
         name = _plain_name(prefix + key)
-        if name is not None and not name.startswith(kept_prefixes):
+        if name is not None and not name.startswith(quantized_prefixes):
             state[name] = tensor
     return state
 
@@ -93,13 +108,19 @@ def save_frozen(
     plans: Iterable[str] | None = None,
     *,
     head_bits: int | None = None,
+    error_compensation: Any = None,
+    tokenizer: Any = None,
 ) -> str:
     """Write the frozen checkpoint of ``model`` to ``save_directory`` one block at a time; returns the folder.
 
-    Same arguments and result as ``quept_hf.freeze(model, bits, plans, head_bits=...).save_pretrained(folder)``,
-    at a peak memory of one block: for models dispatched by accelerate with their weights offloaded (any model
-    works). Load the result with ``from_pretrained(folder)``. The folder is written in a staging folder next to it
-    and swapped in at the end: it holds the old checkpoint or the new one, never a part of it.
+    Same arguments and result as ``quept_hf.freeze(model, bits, plans, head_bits=..., error_compensation=...,
+    tokenizer=...).save_pretrained(folder)``, at a peak memory of one block: for models dispatched by accelerate
+    with their weights offloaded (any model works). Load the result with ``from_pretrained(folder)``. The folder
+    is written in a staging folder next to it and swapped in at the end: it holds the old checkpoint or the new
+    one, never a part of it. With ``error_compensation`` the input Hessians come from forward passes of the
+    dispatched model (accelerate loads each block in turn; one pass per width and Hessian chunk, as `freeze`),
+    and the compensated codes of each chunk wait in a temporary file of the staging folder until their block is
+    written.
     """
     base = unwrap(model)
     config = base.config.quantization_config
@@ -115,8 +136,9 @@ def save_frozen(
     metadata = format_record(types.SimpleNamespace(config=types.SimpleNamespace(quantization_config=description)))
     folder = os.fspath(save_directory)
     with staged_folder(folder) as staging:
-        weight_map = _write_tensors(model, staging, kept, metadata, head_bits)
-        _write_index(staging, weight_map)
+        compensated = _compensated_codes(model, kept, error_compensation, tokenizer, staging)
+        _write_tensors(model, staging, kept, metadata, head_bits, compensated)
+        compensated.discard()
         hf_config.quantization_config = description.to_dict()
         hf_config.dtype = base.dtype
         hf_config.save_pretrained(staging)
@@ -127,58 +149,145 @@ def save_frozen(
     return folder
 
 
-def _write_tensors(
-    model: nn.Module, folder: str, kept: dict[str, list[int]], metadata: dict, head_bits: int | None
-) -> dict[str, str]:
-    """One shard per block (loaded, frozen, written, let go), then one for the rest; returns the weight map."""
+class CompensatedCodes:
+    """Error-compensated codes (`quept_hf.freeze`'s ``error_compensation``) computed ahead of the block-by-block
+    write: GPTQ needs each layer's input Hessian at each width, which takes forward passes of the whole model, so
+    the codes, scales and zero points of every compensated (layer, width) are computed chunk by chunk as the
+    Hessians come and parked in safetensors files of ``folder`` until their block is written."""
+
+    def __init__(self, folder: str | None = None) -> None:
+        self.folder = folder
+        self.where: dict[tuple[str, int], str] = {}  # (module, bits) -> file
+
+    def add(self, quantized: dict[str, QuantizedLinear]) -> None:
+        """Park compensated layers (of one width) in a file of their own."""
+        path = os.path.join(self.folder, f"{len(self.where):06d}.safetensors")
+        state = {}
+        for module, q in quantized.items():
+            state |= {f"{module}.{q.bits}.{k}": getattr(q, k).contiguous() for k in ("codes", "scales", "zeros")}
+            self.where[module, q.bits] = path
+        save_file(state, path)
+
+    def apply(self, module: str, q: QuantizedLinear) -> QuantizedLinear:
+        """``q`` (plain rounding) with its compensated codes and grid, when there are some."""
+        path = self.where.get((module, q.bits))
+        if path is None:
+            return q
+        with safe_open(path, framework="pt") as stored:
+            parts = {k: stored.get_tensor(f"{module}.{q.bits}.{k}") for k in ("codes", "scales", "zeros")}
+        return dataclasses.replace(q, **parts)
+
+    def discard(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder)
+
+
+def _compensated_codes(
+    model: nn.Module, kept: dict[str, list[int]], data: Any, tokenizer: Any, staging: str
+) -> CompensatedCodes:
+    """The compensated codes of every (layer, width) `freeze` compensates, from the same Hessians
+    (`_hessians_by_width`), each chunk's layers quantized with their blocks loaded one at a time."""
+    if data is None:
+        return CompensatedCodes()
+    codes = CompensatedCodes(tempfile.mkdtemp(prefix=".compensated-", dir=staging))
     base = unwrap(model)
+    config = base.config.quantization_config
+    layers = {id(m): n for n, m in base.named_modules()}
+    for bits, hessians in _hessians_by_width(model, config, kept, data, tokenizer):
+        if hessians is None:
+            continue  # plain rounding: done as the blocks are written
+        modules = [base.get_submodule(m) for m in kept if m in hessians]
+        for layer in each_onloaded(base, modules):
+            name = layers[id(layer)]
+            codes.add(quantize_layers(model, {name: bits}, {name: hessians[name]}))
+    return codes
+
+
+def _write_tensors(
+    model: nn.Module,
+    folder: str,
+    kept: dict[str, list[int]],
+    metadata: dict,
+    head_bits: int | None,
+    compensated: CompensatedCodes,
+) -> dict[str, str]:
+    """The frozen tensors, one shard per block (`write_blockwise`), the head's codes in the last; the weight map."""
+
+    def head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        base = unwrap(model)
+        head_module = base.get_output_embeddings()
+        with onloaded(head_module, "cpu") if has_offloaded(head_module) else contextlib.nullcontext():
+            head_name, head_state = _head_tensors(base, head_bits)
+        return {k: v for k, v in state.items() if not k.startswith(head_name + ".")} | head_state
+
+    return write_blockwise(model, folder, kept, lambda modules: _frozen_layers(model, modules, kept, compensated),
+                           metadata, finish=None if head_bits is None else head)  # fmt: skip
+
+
+def write_blockwise(
+    model: nn.Module,
+    folder: str,
+    quantized: Iterable[str],
+    layer_tensors: Callable[[list[str]], dict[str, torch.Tensor]],
+    metadata: dict,
+    *,
+    finish: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+) -> dict[str, str]:
+    """Write a checkpoint of ``model`` into ``folder`` one block at a time; returns the weight map (and writes the
+    index).
+
+    What every streamed storage format shares (the frozen model, the packed and compressed-tensors exports): each
+    Transformer block is loaded (`onloaded`, when accelerate offloads it), ``layer_tensors(modules)`` gives the
+    stored tensors of its ``quantized`` linears, its other tensors (norms) are kept as they are, one safetensors
+    shard is written and the block is let go. The tensors outside the blocks (embeddings, final norm, head and
+    quantized linears there) follow in a last shard, passed through ``finish`` when given. Tied tensors are
+    written once (the first name), as transformers' own save does.
+    """
+    base = unwrap(model)
+    quantized = list(quantized)
     names = {id(m): n for n, m in base.named_modules()}
     chains = architecture_for(base).chains(base, base.config.quantization_config.quantize_vision_tower)
     blocks = [b for chain in chains for b in chain.blocks]
     block_names = [names[id(b)] for b in blocks]
-    kept_prefixes = tuple(m + "." for m in kept)
+    quantized_prefixes = tuple(m + "." for m in quantized)
     shards = [f"model-{i + 1:05d}-of-{len(blocks) + 1:05d}.safetensors" for i in range(len(blocks) + 1)]
     weight_map: dict[str, str] = {}
     for block, name, shard in tqdm(zip(blocks, block_names, shards, strict=False), total=len(blocks),
-                                   desc="QuEPT freeze (streamed)", unit="block"):  # fmt: skip
+                                   desc="QuEPT (streamed, block by block)", unit="block"):  # fmt: skip
         with onloaded(block, "cpu") if has_offloaded(block) else contextlib.nullcontext():
-            modules = [m for m in kept if m.startswith(name + ".")]
-            state = {**_other_tensors(block, name + ".", kept_prefixes), **_frozen_layers(model, modules, kept)}
+            modules = [m for m in quantized if m.startswith(name + ".")]
+            state = {**_other_tensors(block, name + ".", quantized_prefixes), **layer_tensors(modules)}
             _write_shard(folder, shard, state, metadata)
         weight_map.update(dict.fromkeys(state, shard))
-    rest = _rest(model, base, kept, block_names, kept_prefixes, head_bits)
+    rest = _rest(base, quantized, block_names, quantized_prefixes, layer_tensors)
+    rest = rest if finish is None else finish(rest)
     _write_shard(folder, shards[-1], rest, metadata)
     weight_map.update(dict.fromkeys(rest, shards[-1]))
+    _write_index(folder, weight_map)
     return weight_map
 
 
 def _rest(
-    model: nn.Module,
     base: nn.Module,
-    kept: dict[str, list[int]],
+    quantized: list[str],
     block_names: list[str],
-    kept_prefixes: tuple[str, ...],
-    head_bits: int | None,
+    quantized_prefixes: tuple[str, ...],
+    layer_tensors: Callable[[list[str]], dict[str, torch.Tensor]],
 ) -> dict[str, torch.Tensor]:
-    """Tensors outside every block (embeddings, final norm, head; elastic layers there too), offloaded ones read
-    one at a time from where accelerate keeps them."""
+    """Tensors outside every block (embeddings, final norm, head; quantized linears there too), offloaded ones
+    read one at a time from where accelerate keeps them; a tied tensor under its first name only."""
     inside = tuple(n + "." for n in block_names)
-    state = {}
-    for key, tensor in base.state_dict().items():
+    state, seen = {}, set()
+    for key, tensor in base.state_dict(keep_vars=True).items():
         name = _plain_name(key)
-        if key.startswith(inside) or name is None or name.startswith(kept_prefixes):
+        if key.startswith(inside) or name is None or name.startswith(quantized_prefixes) or id(tensor) in seen:
             continue
-        state[name] = stored_tensor(base, key) if tensor.device.type == "meta" else tensor
-    outside = [m for m in kept if not m.startswith(inside)]
-    for module in outside:
+        seen.add(id(tensor))
+        state[name] = stored_tensor(base, key) if tensor.device.type == "meta" else tensor.detach()
+    for module in (m for m in quantized if not m.startswith(inside)):
         layer = base.get_submodule(module)
         with onloaded(layer, "cpu") if has_offloaded(layer) else contextlib.nullcontext():
-            state.update(_frozen_layers(model, [module], kept))
-    if head_bits is not None:
-        head = base.get_output_embeddings()
-        with onloaded(head, "cpu") if has_offloaded(head) else contextlib.nullcontext():
-            head_name, head_state = _head_tensors(base, head_bits)
-        state = {k: v for k, v in state.items() if not k.startswith(head_name + ".")} | head_state
+            state.update(layer_tensors([module]))
     return state
 
 
