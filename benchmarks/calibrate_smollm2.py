@@ -41,6 +41,8 @@ def parse_args():
     parser.add_argument("--tag", default="", help="suffix of the CSV name (keeps ablation runs apart)")
     parser.add_argument("--group-size", default=None, help="group sizes over the defaults, BITS:SIZE comma-separated "
                         "(e.g. 3:64; -1: per channel)")  # fmt: skip
+    parser.add_argument("--bit-groups", default=None, help="calibration groups low to high, '/' between groups, ',' "
+                        "within (e.g. 2/3/4/5,6/7,8: W4 in a group of its own); default: QuEPTConfig's")  # fmt: skip
     parser.add_argument("--out", default=None, help="save the calibrated model to this folder")
     return parser.parse_args()
 
@@ -76,6 +78,8 @@ def main() -> None:
         structure["cascade"] = args.cascade == "on"
     if args.smoothing:
         structure["smoothing"] = args.smoothing == "on"
+    if args.bit_groups:
+        structure["bit_groups"] = [[int(b) for b in group.split(",")] for group in args.bit_groups.split("/")]
     config = quept_hf.QuEPTConfig(mode=args.mode, num_samples=args.num_samples, seq_len=args.seq_len, **structure)
     if args.group_size:
         sizes = {int(b): int(s) for b, s in (item.split(":") for item in args.group_size.split(","))}

@@ -3,8 +3,9 @@
 Synthetic Llama configurations (~0.1B, ~0.4B, ~1.5B parameters, random weights, saved once in bf16 under
 benchmarks/results/scaling-cache/) are loaded with ``device_map`` putting every decoder block on "disk"
 (embeddings, final norm and head stay on the CPU) and ``offload_folder``; then one QuEPT calibration (1 epoch,
-a tiny budget), a streamed freeze (`quept_hf.packing.stream.save_frozen`) and a streamed GGUF export
-(`quept_hf.export(..., format="gguf")`). Each size runs in its own process,
+a tiny budget), a streamed freeze (`quept_hf.packing.stream.save_frozen`) and the streamed exports: GGUF
+(`quept_hf.export(..., format="gguf")`), packed (`quept_hf.export`) and compressed-tensors
+(`export_compressed_tensors`), all block by block. Each size runs in its own process,
 so each peak is its own (``VmHWM``, reset after loading and between calibration and freeze through
 ``/proc/self/clear_refs``; loading's peak counts the checkpoint's file pages that transformers maps).
 
@@ -120,6 +121,7 @@ def run_one(name: str, layers: int | None, args) -> dict:
     from transformers import AutoModelForCausalLM
 
     import quept_hf
+    from quept_hf.packing.interop import export_compressed_tensors
     from quept_hf.packing.stream import save_frozen
 
     folder = model_dir(name, layers)
@@ -146,21 +148,24 @@ def run_one(name: str, layers: int | None, args) -> dict:
         loaded = time.perf_counter()
         load_peak = _peak_rss()  # transformers maps the checkpoint's files while loading: file pages, evictable
         _reset_peak()
+        before_calibration = _rss()  # interpreter, torch, resident weights: what the plan's block peak adds to
         plan = quept_hf.calibration.plan(model, qconfig)
         quept_hf.calibrate(model, ids, epochs=1)
         calibrated = time.perf_counter()
         calib_peak = _peak_rss()
-        _reset_peak()
-        before_freeze = time.perf_counter()
-        if args.freeze_bits != [0]:
-            save_frozen(model, work / "frozen", bits=args.freeze_bits)
-        frozen = time.perf_counter()
-        freeze_peak = _peak_rss()
-        _reset_peak()
-        if args.gguf_bits:
-            quept_hf.export(model, args.gguf_bits, work / "model.gguf", format="gguf")
-        exported = time.perf_counter()
-        gguf_peak = _peak_rss()
+        steps = {
+            "freeze": lambda: save_frozen(model, work / "frozen", bits=args.freeze_bits),
+            "gguf": lambda: quept_hf.export(model, args.export_bits, work / "model.gguf", format="gguf"),
+            "packed": lambda: quept_hf.export(model, args.export_bits, work / "packed"),
+            "ct": lambda: export_compressed_tensors(model, args.export_bits, work / "compressed-tensors"),
+        }
+        measured = {}
+        for step, run in steps.items():
+            if (args.freeze_bits != [0]) if step == "freeze" else args.export_bits:
+                _reset_peak()
+                began = time.perf_counter()
+                run()
+                measured[step] = (time.perf_counter() - began, _peak_rss())
     finally:
         shutil.rmtree(work, ignore_errors=True)
     per_block = [b - a for (a, _), (b, _) in zip(times.marks, times.marks[1:], strict=False)]
@@ -181,19 +186,19 @@ def run_one(name: str, layers: int | None, args) -> dict:
         "activations_MiB": round(plan.activations / 2**20, 1),
         "load_peak_rss_GiB": round(load_peak / 2**30, 2),
         "calib_peak_rss_GiB": round(calib_peak / 2**30, 2),
+        "rss_before_calib_GiB": round(before_calibration / 2**30, 2),
+        "calib_over_start_MiB": round((calib_peak - before_calibration) / 2**20),  # compare plan_block_peak_MiB
         "rss_first_block_GiB": round(times.marks[0][1] / 2**30, 2) if times.marks else None,
         "rss_last_block_GiB": round(times.marks[-1][1] / 2**30, 2) if times.marks else None,
         "calib_s_per_block": round(sorted(per_block)[len(per_block) // 2], 1) if per_block else None,
         "calib_total_s": round(calibrated - loaded, 1),
         "load_s": round(loaded - start, 1),
-        "freeze_peak_rss_GiB": round(freeze_peak / 2**30, 2),
         "freeze_bits": " ".join(map(str, args.freeze_bits)),
         "samples_x_tokens": f"{args.samples}x{args.seq_len}",
         "gradient_checkpointing": args.gradient_checkpointing,
-        "freeze_s_per_block": round((frozen - before_freeze) / depth, 2),
-        "gguf_bits": args.gguf_bits,
-        "gguf_peak_rss_GiB": round(gguf_peak / 2**30, 2),
-        "gguf_s_per_block": round((exported - frozen) / depth, 2),
+        "export_bits": args.export_bits,
+        **{f"{step}_peak_rss_GiB": round(peak / 2**30, 2) for step, (_, peak) in measured.items()},
+        **{f"{step}_s_per_block": round(seconds / depth, 2) for step, (seconds, _) in measured.items()},
     }
 
 
@@ -207,7 +212,8 @@ def main() -> None:
     parser.add_argument("--calibrate-blocks", type=int, default=None, help="calibrate the first N blocks only "
                         "(default: all; the rest have the same shapes, so the same cost and memory)")  # fmt: skip
     parser.add_argument("--freeze-bits", type=int, nargs="+", default=[4], help="kept widths (0: no freeze)")
-    parser.add_argument("--gguf-bits", type=int, default=4, help="streamed GGUF export at this width (0: none)")
+    parser.add_argument("--export-bits", "--gguf-bits", type=int, default=4, help="the streamed exports (GGUF, "
+                        "packed, compressed-tensors) at this width (0: none)")  # fmt: skip
     parser.add_argument("--smoothing", action="store_true", help="AWQ-style smoothing (off: it dominates the time)")
     parser.add_argument(
         "--gradient-checkpointing",
@@ -226,7 +232,7 @@ def main() -> None:
         command = [sys.executable, __file__, "--one", name, "--samples", str(args.samples), "--seq-len",
                    str(args.seq_len), "--batch-size", str(args.batch_size)]  # fmt: skip
         command += ["--layers", str(args.layers)] if args.layers else []
-        command += ["--freeze-bits", *map(str, args.freeze_bits), "--gguf-bits", str(args.gguf_bits)]
+        command += ["--freeze-bits", *map(str, args.freeze_bits), "--export-bits", str(args.export_bits)]
         command += ["--calibrate-blocks", str(args.calibrate_blocks)] if args.calibrate_blocks else []
         command += ["--smoothing"] if args.smoothing else []
         command += ["--gradient-checkpointing"] if args.gradient_checkpointing else []

@@ -17,6 +17,8 @@ the dequantized weight is bitwise the fake-quant weight (same ops, same dtype), 
 the outputs agree to float round-off of identical computations (0 on CPU in the tests).
 
 The folder is staged next to ``out_dir`` and renamed into place, so a crash never leaves a half-written export.
+A model whose weights accelerate offloads (``device_map``) is exported one block at a time
+(`quept_hf.packing.stream.write_blockwise`: one shard per block): the same tensors, at a peak memory of one block.
 """
 
 from __future__ import annotations

@@ -46,6 +46,9 @@ on a GPU here):
 * 2, 3, 5, 6, 7 bits: refused. Neither CPU kernel takes them (and CUDA Marlin takes only 4 and 8 bits).
 
 The folder then also holds ``quept_export.json``: target, scheme, whether the conversion is exact, and its error.
+A model whose weights accelerate offloads (``device_map``) is exported one block at a time
+(`quept_hf.packing.stream.write_blockwise`: one shard per block, the error added up as the blocks go): the same
+tensors and report, at a peak memory of one block.
 
 Loading through transformers 5.23 needs ``quantization_config=CompressedTensorsConfig(dequantize=True)``: its
 default (compressed) path cannot load ANY asymmetric ``pack-quantized`` checkpoint, compressed-tensors' own

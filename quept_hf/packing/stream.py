@@ -1,11 +1,17 @@
-"""Freeze a model larger than memory: the frozen checkpoint written block by block, never the whole model in RAM.
+"""Checkpoints of a model larger than memory, written block by block: never the whole model in RAM.
 
-`quept_hf.freeze` builds the frozen model in memory. For a model dispatched by accelerate (``device_map=...`` with
-CPU or disk offload) `save_frozen` loads ONE block at a time (`quept_hf.calibration.offload.onloaded`), computes
-its codes exactly as `freeze` does (`_frozen_tensors` of the same `quantize_layers`), writes them as one
-safetensors shard and lets the block go; the tensors outside the blocks follow in a last shard. The folder is the
-one ``freeze(model, ...).save_pretrained(folder)`` would give (same tensors, config.json and generation config),
-so ``from_pretrained(folder)`` (after ``import quept_hf``) loads the frozen model.
+`write_blockwise` is what every streamed safetensors format shares: for a model dispatched by accelerate
+(``device_map=...`` with CPU or disk offload) it loads ONE block at a time (`quept_hf.calibration.offload.onloaded`),
+asks the format for the stored tensors of the block's quantized linears, writes them with the block's other
+tensors as one safetensors shard and lets the block go; the tensors outside the blocks follow in a last shard,
+then the index. The formats: the frozen model (`save_frozen`, here), the packed export (`quept_hf.export`) and
+compressed-tensors (`quept_hf.packing.interop.export_compressed_tensors`); the GGUF export streams on its own
+(one file, gguf-py's writer).
+
+`quept_hf.freeze` builds the frozen model in memory. `save_frozen` computes the codes exactly as `freeze` does
+(`_frozen_tensors` of the same `quantize_layers`, error compensation included): the folder is the one
+``freeze(model, ...).save_pretrained(folder)`` would give (same tensors, config.json and generation config), so
+``from_pretrained(folder)`` (after ``import quept_hf``) loads the frozen model.
 """
 
 from __future__ import annotations
