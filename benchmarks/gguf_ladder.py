@@ -13,7 +13,8 @@ Every number comes from llama.cpp's own tools, built once from the vendored sour
   token embedding (tied output) at Q8_0 in every file, as QuEPT's export, so the rungs differ in the linears only;
 * QuEPT: one elastic calibration (`--num-samples` x `--calib-len` tokens, `--epochs`, rank `--rank` per bit group,
   group `--group-size` at every width: GGUF stores a scale per 32 weights anyway), cached in
-  benchmarks/.gguf-ladder/ so reruns skip it, then `quept_hf.export(model, "wB", path, format="gguf")` per width;
+  benchmarks/.gguf-ladder/ so reruns skip it, then `quept_hf.export(model, "wB", path, format="gguf")` per rung
+  (the Q4_0 rung: W4 with `weight_types={4: "Q4_0"}`, its asymmetric grid searched into symmetric blocks);
 * QuEPT+comp: the same calibration frozen with error compensation on the same calibration windows
   (`quept_hf.freeze(model, error_compensation=texts)`: GPTQ rounding on the calibrated grid, each row's grid
   searched; 2 bits keep plain rounding), exported the same way (`--no-compensation` leaves it out);
@@ -50,8 +51,9 @@ from quept_hf.calibration.data import text_windows
 from quept_hf.packing.gguf import gguf_summary
 
 WORK = Path(__file__).resolve().parent / ".gguf-ladder"
-# llama.cpp's rung -> the QuEPT width exported for it (None: no QuEPT file of that type).
-RUNGS = {"Q2_K": 2, "Q3_K_M": 3, "Q4_0": None, "Q4_1": 4, "Q5_1": 5, "Q6_K": 6, "Q8_0": 8}
+# llama.cpp's rung -> the QuEPT width exported for it; RUNG_TYPES: the GGUF type it takes where not the width's own
+RUNGS = {"Q2_K": 2, "Q3_K_M": 3, "Q4_0": 4, "Q4_1": 4, "Q5_1": 5, "Q6_K": 6, "Q8_0": 8}
+RUNG_TYPES = {"Q4_0": {4: "Q4_0"}}  # W4's asymmetric grid searched into symmetric Q4_0 blocks (export_gguf)
 QUICK_RUNGS = "Q2_K,Q4_1"
 
 
@@ -107,10 +109,11 @@ def quept_model(smol: common.SmolLM2, args) -> tuple[torch.nn.Module, Path]:
     return model, folder
 
 
-def compensated(model, smol: common.SmolLM2, folder: Path, widths: list[int], args) -> torch.nn.Module:
+def compensated(model, smol: common.SmolLM2, folder: Path, rungs: list[str], args) -> torch.nn.Module:
     """The calibration frozen with error compensation on its own calibration windows (skipped when cached)."""
-    if not args.fresh and all((WORK / f"{folder.name}-comp-w{w}.gguf").is_file() for w in widths):
+    if not args.fresh and all(quept_path(folder, rung, "-comp").is_file() for rung in rungs):
         return model  # unused: every file exists
+    widths = sorted({RUNGS[rung] for rung in rungs})
     start = time.process_time()
     texts = smol.calib_texts
     frozen = quept_hf.freeze(model, bits=widths, plans=[], error_compensation=texts, tokenizer=smol.tokenizer)
@@ -179,11 +182,18 @@ def llama_quantized(tools: dict, f32: Path, rung: str, matrix: Path | None, args
     return out
 
 
-def quept_file(model, folder: Path, width: int, args, suffix: str = "") -> Path:
-    out = WORK / f"{folder.name}{suffix}-w{width}.gguf"
+def quept_path(folder: Path, rung: str, suffix: str = "") -> Path:
+    """QuEPT's file for ``rung`` (named by width, and by type where the rung sets one)."""
+    types = "".join(f"-{t.lower()}" for t in RUNG_TYPES.get(rung, {}).values())
+    return WORK / f"{folder.name}{suffix}-w{RUNGS[rung]}{types}.gguf"
+
+
+def quept_file(model, folder: Path, rung: str, args, suffix: str = "") -> Path:
+    out = quept_path(folder, rung, suffix)
     if args.fresh or not out.is_file():
         vocab = os.path.join(*assets.smollm2_gguf())  # the same tokenizer fields as llama.cpp's files
-        quept_hf.export(model, f"w{width}", out, format="gguf", tokenizer=vocab, overwrite=True)
+        quept_hf.export(model, f"w{RUNGS[rung]}", out, format="gguf", tokenizer=vocab, overwrite=True,
+                        weight_types=RUNG_TYPES.get(rung))  # fmt: skip
     return out
 
 
@@ -280,15 +290,14 @@ def main() -> None:
     for rung in rungs:
         entries.append(Entry("llama.cpp", rung, llama_quantized(tools, f32, rung, None, args)))
         entries.append(Entry("llama.cpp+imatrix", rung, llama_quantized(tools, f32, rung, matrix, args)))
-    widths = {RUNGS[r]: r for r in rungs if RUNGS[r] is not None}
-    if widths:
+    if rungs:
         model, folder = quept_model(smol, args)
-        for width, rung in widths.items():
-            entries.append(Entry("QuEPT", rung, quept_file(model, folder, width, args), width))
+        for rung in rungs:
+            entries.append(Entry("QuEPT", rung, quept_file(model, folder, rung, args), RUNGS[rung]))
         if not args.no_compensation:
-            frozen = compensated(model, smol, folder, sorted(widths), args)
-            for width, rung in widths.items():
-                entries.append(Entry("QuEPT+comp", rung, quept_file(frozen, folder, width, args, "-comp"), width))
+            frozen = compensated(model, smol, folder, rungs, args)
+            for rung in rungs:
+                entries.append(Entry("QuEPT+comp", rung, quept_file(frozen, folder, rung, args, "-comp"), RUNGS[rung]))
         del model
     rows = [measure(e, tools, heldout, args) for e in tqdm(entries, desc="llama-perplexity + llama-bench")]
     common.write_results("gguf_ladder" + ("_quick" if args.quick else ""), rows)

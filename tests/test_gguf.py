@@ -241,6 +241,29 @@ def test_q8_0_is_searched_against_quept_weight(exported, elastic):
         assert np.abs(x - w).mean() < 0.1 * (weight - base.weight.detach()).abs().mean().item(), module
 
 
+def test_weight_types_put_w4_in_q4_0_searched_against_quept(elastic, tmp_path):
+    """``weight_types={4: "Q4_0"}`` (llama.cpp's Q4_0 rung): the asymmetric W4 grid in symmetric blocks, each
+    block's scale searched against QuEPT's dequantized weight: never worse, block by block, than llama.cpp's own
+    absmax rounding of that weight; llama.cpp runs the file close to quept_hf's W4 model."""
+    path = export_gguf(elastic, 4, tmp_path / "w4-q4_0.gguf", weight_types={4: "Q4_0"})
+    stored = tensors(path)
+    for module, (weight, _) in quept_weights(elastic, 4).items():
+        x, qtype = stored[gguf_name(module)]
+        x, w = unpermute(module, x, elastic.config), weight.numpy()
+        assert qtype == "Q4_0", module
+        rtn = gguf.quants.dequantize(gguf.quants.quantize(w, QType.Q4_0), QType.Q4_0)
+        ours_sse = ((x - w) ** 2).reshape(-1, 32).sum(1)
+        assert (ours_sse <= ((rtn - w) ** 2).reshape(-1, 32).sum(1) * (1 + 1e-4) + 1e-12).all(), module
+    assert gguf_summary(path)["linear_bpw"] == 4.5  # Q4_0: 18 bytes per 32 weights
+    ids = torch.randint(0, 128, (24,), generator=torch.Generator().manual_seed(7)).tolist()
+    assert_engine_agrees(elastic, 4, path, ids, tolerance=0.05)
+
+
+def test_weight_types_keep_the_fallback_rules():
+    assert gguf_type(4, 576, {4: "Q2_K"}) == "Q4_0" and gguf_type(4, 1536, {4: "Q2_K"}) == "Q2_K"
+    assert gguf_type(4, 576, {5: "Q4_0"}) == "Q4_1"  # other widths keep BIT_TYPES
+
+
 # ------------------------------------------------------------------------------------------- K-types
 
 
@@ -351,6 +374,8 @@ def test_bad_inputs_name_the_argument(elastic, tiny_llama_dir, tmp_path):
         export_gguf(elastic, 4, tmp_path / "a.gguf", embedding_type="Q9_9")
     with pytest.raises(ValueError, match="bits_or_plan"):
         export_gguf(elastic, 4.5, tmp_path / "a.gguf")
+    with pytest.raises(ValueError, match=r"weight_types=\{4: 'Q4_K'\}.*types from"):
+        export_gguf(elastic, 4, tmp_path / "a.gguf", weight_types={4: "Q4_K"})
     with pytest.raises(ValueError, match="bit-width"):
         export_gguf(elastic, 9, tmp_path / "a.gguf")
     with pytest.raises(ValueError, match="mixed-9"):

@@ -59,7 +59,7 @@ from .working import dequantize_codes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BIT_TYPES", "EMBEDDING_TYPES", "export_gguf", "gguf_summary", "gguf_type", "permute_rows"]
+__all__ = ["BIT_TYPES", "EMBEDDING_TYPES", "LINEAR_TYPES", "export_gguf", "gguf_summary", "gguf_type", "permute_rows"]
 
 ARCHITECTURES = {
     "LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA,
@@ -71,6 +71,7 @@ BIT_TYPES = {2: "Q2_K", 3: "Q3_K", 4: "Q4_1", 5: "Q5_1", 6: "Q6_K", 7: "Q8_0", 8
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q6_K": "Q8_0"}  # llama-quant.cpp tensor_type_fallback
 EXACT = {"Q4_1": 4, "Q5_1": 5}
 EMBEDDING_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
+LINEAR_TYPES = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q6_K", "Q8_0")  # what `_encode_linear` writes
 GridOf = Callable[[str], QuantizedLinear]  # a quantized linear's grid, computed when the file reaches it
 FILE_TYPES = {"Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_M", "Q6_K": "MOSTLY_Q6_K", "F16": "MOSTLY_F16"}
 
@@ -78,9 +79,10 @@ FILE_TYPES = {"Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_M", "Q6_K": "MOSTLY_Q6
 # ------------------------------------------------------------------------------------------- types
 
 
-def gguf_type(bits: int, row_length: int) -> str:
-    """The GGML type of a ``bits``-wide QuEPT linear whose rows have ``row_length`` weights (module docstring)."""
-    qtype = BIT_TYPES[bits]
+def gguf_type(bits: int, row_length: int, weight_types: Mapping[int, str] | None = None) -> str:
+    """The GGML type of a ``bits``-wide QuEPT linear whose rows have ``row_length`` weights (module docstring);
+    ``weight_types`` (``{bits: type}``) overrides `BIT_TYPES`, the fallbacks apply to it the same way."""
+    qtype = (weight_types or {}).get(bits, BIT_TYPES[bits])
     if row_length % gguf.GGML_QUANT_SIZES[QType[qtype]][0]:
         qtype = FALLBACK.get(qtype, qtype)
     if row_length % gguf.GGML_QUANT_SIZES[QType[qtype]][0]:
@@ -374,9 +376,19 @@ def _add_hf_vocab(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
 # ------------------------------------------------------------------------------------------ export
 
 
-def _check_args(model: nn.Module, bits_or_plan: BitsOrPlan, embedding_type: str) -> gguf.MODEL_ARCH:
+def _check_args(
+    model: nn.Module, bits_or_plan: BitsOrPlan, embedding_type: str, weight_types: Mapping[int, str] | None
+) -> gguf.MODEL_ARCH:
     if embedding_type not in EMBEDDING_TYPES:
         raise ValueError(f"embedding_type={embedding_type!r} is not supported; choose one of {list(EMBEDDING_TYPES)}")
+    if weight_types is not None and (
+        not isinstance(weight_types, Mapping)
+        or any(b not in BIT_TYPES or t not in LINEAR_TYPES for b, t in weight_types.items())
+    ):
+        raise ValueError(
+            f"weight_types={weight_types!r}: expected {{bits: type}} with bits in {sorted(BIT_TYPES)} and types "
+            f"from {list(LINEAR_TYPES)}, e.g. {{4: 'Q4_0'}}"
+        )
     if not isinstance(bits_or_plan, (int, str, Mapping)) or isinstance(bits_or_plan, bool):
         raise ValueError(f"bits_or_plan={bits_or_plan!r}: expected 4, 'w4', a stored plan name or {{module: bits}}")
     arch = (getattr(unwrap(model).config, "architectures", None) or [type(unwrap(model)).__name__])[0]
@@ -417,7 +429,12 @@ class _Entry:
 
 
 def _entries(
-    base: nn.Module, plan: dict[str, int], shapes: dict[str, tuple[int, int]], arch, embedding_type: str
+    base: nn.Module,
+    plan: dict[str, int],
+    shapes: dict[str, tuple[int, int]],
+    arch,
+    embedding_type: str,
+    weight_types: Mapping[int, str] | None = None,
 ) -> list[_Entry]:
     """Every tensor llama.cpp loads, in the model's order (offloaded tensors are meta here: shapes suffice)."""
     config = base.config
@@ -437,7 +454,7 @@ def _entries(
         shape = tuple(tensor.shape)
         order = _order(plain, shape[0], n_head, n_kv)
         if module in plan and leaf == "weight":
-            entries.append(_Entry(name, gguf_type(plan[module], shape[1]), shape, module, True, order))
+            entries.append(_Entry(name, gguf_type(plan[module], shape[1], weight_types), shape, module, True, order))
         elif module in plan:
             entries.append(_Entry(name, "F32", shape, key, False, order))
         else:
@@ -446,7 +463,8 @@ def _entries(
     for module in [m for m in plan if m + ".weight" not in done]:  # frozen layers: codes, no float weight
         name = tmap.get_name(module + ".weight", try_suffixes=(".weight",))
         order = _order(module + ".weight", shapes[module][0], n_head, n_kv)
-        entries.append(_Entry(name, gguf_type(plan[module], shapes[module][1]), shapes[module], module, True, order))
+        qtype = gguf_type(plan[module], shapes[module][1], weight_types)
+        entries.append(_Entry(name, qtype, shapes[module], module, True, order))
     freqs = _rope_freqs(config)
     if freqs is not None:
         name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
@@ -484,6 +502,7 @@ def export_gguf(
     path: str | os.PathLike,
     *,
     embedding_type: str = "Q8_0",
+    weight_types: Mapping[int, str] | None = None,
     tokenizer=None,
     overwrite: bool = False,
 ) -> str:
@@ -495,14 +514,17 @@ def export_gguf(
             mixed plan every tensor takes the type of its own width.
         path: a ``.gguf`` file, or a folder (the file is then ``<model>-<plan>.gguf`` inside it).
         embedding_type: GGML type of the token embedding (and an untied, unquantized lm_head).
+        weight_types: ``{bits: GGML type}`` over `BIT_TYPES` for the linears of that width, e.g. ``{4: "Q4_0"}``
+            (llama.cpp's Q4_0 rung: QuEPT's asymmetric W4 grid does not fit its symmetric blocks, so each block's
+            scale is searched against QuEPT's dequantized weight, like every non-exact type).
         tokenizer: a Hugging Face tokenizer or a ``.gguf`` file to copy ``tokenizer.*`` fields from; default:
             SmolLM2's source GGUF, or the tokenizer of the model's source folder.
         overwrite: replace an existing file.
     """
-    arch = _check_args(model, bits_or_plan, embedding_type)
+    arch = _check_args(model, bits_or_plan, embedding_type, weight_types)
     base = unwrap(model)
     plan_name, plan, shapes, grid_of = _plan(model, bits_or_plan)
-    entries = _entries(base, plan, shapes, arch, embedding_type)
+    entries = _entries(base, plan, shapes, arch, embedding_type, weight_types)
     target = _target(path, base, plan_name, overwrite)
     staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
