@@ -302,10 +302,10 @@ def _checked_load_adapter(self, *args, **kwargs):
     check_adapter_source(source)
     info = type(self).load_adapter(self, *args, **kwargs)
     found = elastic_adapter(self)
+    if found is not None and info is not None:
+        check_slices_loaded(getattr(info, "missing_keys", ()), found[1], found[0])
     if found is not None and is_offloaded(unwrap(self)):
         _store_offloaded_slices(self, source, found[0], kwargs.get("revision"))
-    elif found is not None and info is not None:
-        check_slices_loaded(getattr(info, "missing_keys", ()), found[1], found[0])
     if found is not None:
         check_adapter_format(source, found[1], getattr(self.config, "_commit_hash", None))
         check_plans(self)

@@ -148,15 +148,19 @@ class MBCLoRAModel(BaseTuner):
 def slice_checkpoint_name(key: str, adapter_name: str) -> str | None:
     """The adapter file's name of the MB-CLoRA slice ``key`` in model naming (``m.mbclora_A.<adapter>.k`` ->
     ``base_model.model.m.mbclora_A.k``, PEFT's convention); None for any other key."""
-    match = re.match(rf"^(.+\.mbclora_[AB])\.{re.escape(adapter_name)}\.(\d+)$", key)
+    match = _slice_pattern(adapter_name).match(key)
     return None if match is None else f"base_model.model.{match.group(1)}.{match.group(2)}"
+
+
+def _slice_pattern(adapter_name: str) -> re.Pattern:
+    """An MB-CLoRA slice in model naming (a leading ``base_model.model.`` allowed): groups layer.factor, index."""
+    return re.compile(rf"^(?:base_model\.model\.)?(.+\.mbclora_[AB])\.{re.escape(adapter_name)}\.(\d+)$")
 
 
 def check_slices_loaded(missing_keys, config: MBCLoRAConfig, adapter_name: str) -> None:
     """Raise a ValueError naming every MB-CLoRA slice of ``adapter_name`` among ``missing_keys`` (model naming) in
     checkpoint naming, and the bit-widths that use them; other keys are ignored."""
-    pattern = re.compile(rf"^(?:base_model\.model\.)?(.+\.mbclora_[AB])\.{re.escape(adapter_name)}\.(\d+)$")
-    found = [match for key in missing_keys if (match := pattern.match(key))]
+    found = [match for key in missing_keys if (match := _slice_pattern(adapter_name).match(key))]
     if not found:
         return
     groups_high_first = list(reversed(config.bit_groups or []))
