@@ -369,3 +369,12 @@ def test_streamed_freeze_with_error_compensation_is_bit_identical(in_memory, off
     folder = save_frozen(offloaded, tmp_path / "frozen", bits=[2, 3, 8], error_compensation=data)
     assert sorted(p.name for p in Path(folder).iterdir() if p.name.startswith(".")) == []  # parked codes gone
     _assert_same_model(reference, AutoModelForCausalLM.from_pretrained(folder), bits=(2, 3, 8))
+
+
+def test_rotation_of_an_offloaded_model_is_bit_identical(folder, tmp_path):
+    """QuaRot-style rotation (W4A4's default) rewrites every layer: an offloaded model gets it one block at a time."""
+    settings = dict(mode="weight_activation", rotation=True, smoothing=False, ranks=[4] * 3)
+    reference, offloaded = _load(folder, **settings), _load(folder, tmp_path / "offload", **settings)
+    assert {p.device.type for p in offloaded.model.layers[2].parameters()} == {"meta"}
+    assert offloaded.config.quantization_config.rotation and reference.config.quantization_config.rotation
+    _assert_same_model(reference, offloaded, bits=(4, 6, 8, 16))

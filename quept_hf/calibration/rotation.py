@@ -29,7 +29,9 @@ checkpoint grows by one vocabulary x hidden matrix.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -39,6 +41,7 @@ from ..config import QuEPTConfig
 from ..models import Architecture, DecoderLayout, find_architecture
 from ..nn.hadamard import base_order, hadamard_matrix, hadamard_transform, random_signs
 from ..nn.kv_cache import KV_ATTRIBUTE, KVQuantization, inner_implementation, register_kv_attention
+from .offload import each_onloaded, has_offloaded, onloaded
 from .reparam import norm_scale, rewrite_inputs, rewrite_outputs, scale_inputs
 
 logger = logging.getLogger(__name__)
@@ -134,12 +137,10 @@ def _fold_norm(norm: nn.Module, readers: list[nn.Module], offset: float) -> None
     norm.weight.fill_(1.0 - offset)
 
 
-def fold_norms(model: nn.Module, layout: DecoderLayout, blocks: nn.ModuleList) -> None:
-    """Fold every RMSNorm scale into its readers (attention/MLP inputs per block, the LM head at the end)."""
-    for block in blocks:
-        for norm, readers in ((layout.attn_norm, layout.qkv), (layout.mlp_norm, layout.gate_up)):
-            _fold_norm(layout.get(block, norm), [layout.get(block, p) for p in readers], layout.norm_offset)
-    _fold_norm(layout.final_norm(model), [model.get_output_embeddings()], layout.norm_offset)
+def fold_block_norms(block: nn.Module, layout: DecoderLayout) -> None:
+    """Fold a block's RMSNorm scales into their readers (attention and MLP inputs)."""
+    for norm, readers in ((layout.attn_norm, layout.qkv), (layout.mlp_norm, layout.gate_up)):
+        _fold_norm(layout.get(block, norm), [layout.get(block, p) for p in readers], layout.norm_offset)
 
 
 class ResidualRotation:
@@ -159,15 +160,12 @@ class ResidualRotation:
         return self.read(w.T).T
 
 
-def rotate_residual(model: nn.Module, layout: DecoderLayout, blocks: nn.ModuleList, q: ResidualRotation) -> None:
-    """Residual stream ``x -> x Q``: readers ``W Q``, writers ``Q^T W`` (norms must be folded first)."""
-    rewrite_inputs(model.get_input_embeddings(), q.read)
-    for block in blocks:
-        for path in (*layout.qkv, *layout.gate_up):
-            rewrite_inputs(layout.get(block, path), q.read)
-        for path in (layout.o_proj, layout.down_proj):
-            rewrite_outputs(layout.get(block, path), q.write)
-    rewrite_inputs(model.get_output_embeddings(), q.read)
+def rotate_block_residual(block: nn.Module, layout: DecoderLayout, q: ResidualRotation) -> None:
+    """A block's side of ``x -> x Q``: readers ``W Q``, writers ``Q^T W`` (its norms must be folded first)."""
+    for path in (*layout.qkv, *layout.gate_up):
+        rewrite_inputs(layout.get(block, path), q.read)
+    for path in (layout.o_proj, layout.down_proj):
+        rewrite_outputs(layout.get(block, path), q.write)
 
 
 def rotate_value_heads(block: nn.Module, layout: DecoderLayout) -> None:
@@ -201,26 +199,47 @@ def rotate_down_inputs(block: nn.Module, layout: DecoderLayout) -> None:
 
 @torch.no_grad()
 def rotate_model(model: nn.Module, seed: int = 0) -> None:
-    """Apply steps 1-4 of the module docstring to a float (or freshly quantized, uncalibrated) model in place."""
+    """Apply steps 1-4 of the module docstring to a float (or freshly quantized, uncalibrated) model in place.
+
+    One block at a time: a model whose weights accelerate offloads (``device_map``) has each block loaded, rotated
+    and written back in turn (`quept_hf.calibration.offload.each_onloaded`), so it never holds more than one."""
     arch = find_architecture(model)
     reason = _why_not(model, arch, "rotation")
-    if reason is None and any(p.device.type == "meta" for p in model.parameters()):
-        reason = "its weights are offloaded (device_map): rotation rewrites every layer at once; use rotation=False"
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if reason is None and head.weight is embedding.weight and head.weight.is_meta:
+        reason = "its tied embedding and LM head are offloaded (device_map): keep them on a device to untie them"
     if reason:
         raise ValueError(f"QuEPT rotation is not available for this model: {reason}")
     layout, blocks = arch.layout, arch.blocks(model)
-    hidden = model.get_input_embeddings().weight.shape[1]
+    hidden = embedding.weight.shape[1]
     _hadamard(hidden, "hidden size")
     for block in blocks:  # check every size before changing any weight
         _hadamard(int(layout.get(block, layout.attention).head_dim), "attention head dimension")
+        if _has_online_input(down := layout.get(block, layout.down_proj)):
+            _hadamard(getattr(down, "in_features", None) or down.weight.shape[1], "MLP intermediate size")
     q = ResidualRotation(hidden, seed)
     _untie_lm_head(model)
-    fold_norms(model, layout, blocks)
-    rotate_residual(model, layout, blocks, q)
-    for block in blocks:
+    for block in each_onloaded(model, blocks):
+        fold_block_norms(block, layout)
+        rotate_block_residual(block, layout, q)
         rotate_value_heads(block, layout)
         rotate_down_inputs(block, layout)
+    final_norm = layout.final_norm(model)
+    with _loaded(embedding, final_norm, head):
+        rewrite_inputs(embedding, q.read)
+        _fold_norm(final_norm, [head], layout.norm_offset)
+        rewrite_inputs(head, q.read)
     logger.info("QuEPT: rotated %d blocks (hidden %d, seed %d)", len(blocks), hidden, seed)
+
+
+@contextlib.contextmanager
+def _loaded(*modules: nn.Module) -> Iterator[None]:
+    """The offloaded ones of ``modules`` loaded on the CPU together, written back on exit."""
+    with contextlib.ExitStack() as stack:
+        for module in {id(m): m for m in modules}.values():
+            if has_offloaded(module):
+                stack.enter_context(onloaded(module, "cpu"))
+        yield
 
 
 # ------------------------------------------------------------------------------------------ online transforms
