@@ -163,6 +163,10 @@ def cmd_freeze(args: argparse.Namespace) -> None:
             raise CliError(f"--error-compensation {args.error_compensation!r} is not a text file")
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         compensation = {"error_compensation": args.error_compensation, "tokenizer": tokenizer}
+        if args.error_compensation_bits:
+            compensation["error_compensation_bits"] = parse_bits(args.error_compensation_bits)
+    elif args.error_compensation_bits:
+        raise CliError("--error-compensation-bits needs --error-compensation FILE (the calibration text)")
     frozen = quept_hf.freeze(model, bits=parse_bits(args.bits), plans=plans, **compensation)
     with staged_folder(args.out) as staging:
         frozen.save_pretrained(staging)
@@ -232,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     freeze.add_argument(
         "--error-compensation", metavar="FILE", default=None,
         help="calibration text file: round with GPTQ error compensation on the calibrated grids (same size)",
+    )  # fmt: skip
+    freeze.add_argument(
+        "--error-compensation-bits", metavar="BITS", default=None,
+        help="the kept widths to compensate, e.g. 3 or 3,5 (default: every one from 3 bits)",
     )  # fmt: skip
     freeze.add_argument("--out", required=True)
     freeze.set_defaults(func=cmd_freeze)

@@ -222,6 +222,24 @@ def test_freeze_error_compensation_chunks_and_round_trips(elastic, tmp_path):
         assert torch.equal(layer.qweight["3"], frozen_linears(frozen)[name].qweight["3"])
 
 
+def test_error_compensation_bits_choose_the_compensated_widths(elastic):
+    data = ids(seed=4, batch=8, length=16)
+    plain = freeze(elastic, bits=[3, 4], plans=[])
+    every = freeze(elastic, bits=[3, 4], plans=[], error_compensation=data)
+    only_3 = freeze(elastic, bits=[3, 4], plans=[], error_compensation=data, error_compensation_bits=[3])
+    moved = 0
+    for name, layer in frozen_linears(only_3).items():
+        assert torch.equal(layer.qweight["3"], frozen_linears(every)[name].qweight["3"])
+        assert torch.equal(layer.qweight["4"], frozen_linears(plain)[name].qweight["4"])  # W4: the elastic codes
+        moved += not torch.equal(frozen_linears(every)[name].qweight["4"], layer.qweight["4"])
+    assert moved > 0  # compensation does change W4 when asked, so the check above means something
+    for bad in ([5], 4, ["3"]):
+        with pytest.raises(ValueError, match=r"error_compensation_bits=.*kept bit-widths, \[3, 4\]"):
+            freeze(elastic, bits=[3, 4], plans=[], error_compensation=data, error_compensation_bits=bad)
+    with pytest.raises(ValueError, match="given with error_compensation data"):
+        freeze(elastic, bits=[3, 4], plans=[], error_compensation_bits=[3])
+
+
 def test_freeze_error_compensation_refuses_bad_data(elastic):
     with pytest.raises(ValueError, match="seq_len"):
         freeze(elastic, bits=[3], error_compensation=torch.zeros(1, 4, dtype=torch.long))
@@ -247,3 +265,9 @@ def test_cli_freeze_with_error_compensation(elastic, tiny_llama_dir, tmp_path):
         assert torch.equal(layer.qweight["3"], frozen_linears(expected)[name].qweight["3"])
     with pytest.raises(SystemExit):  # argparse's error exit, naming the option
         cli_main([*argv[:-1], str(tmp_path / "again"), "--error-compensation", str(tmp_path / "missing.txt")])
+    with pytest.raises(SystemExit):
+        cli_main([*argv[:-1], str(tmp_path / "again"), "--error-compensation-bits", "3"])
+    assert cli_main([*argv[:-1], str(tmp_path / "only"), "--error-compensation", str(text), "--error-compensation-bits",
+                     "3"]) == 0  # fmt: skip
+    for name, layer in frozen_linears(AutoModelForCausalLM.from_pretrained(tmp_path / "only")).items():
+        assert torch.equal(layer.qweight["3"], frozen_linears(expected)[name].qweight["3"])

@@ -360,13 +360,15 @@ def test_offloaded_load_refuses_an_adapter_without_a_slice(in_memory, tmp_path):
         _load_offloaded(tmp_path / "elastic", tmp_path)
 
 
-def test_streamed_freeze_with_error_compensation_is_bit_identical(in_memory, offloaded, tmp_path):
+@pytest.mark.parametrize("compensated", [None, [8]])
+def test_streamed_freeze_with_error_compensation_is_bit_identical(in_memory, offloaded, compensated, tmp_path):
     data = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(3))
-    reference = quept_hf.freeze(in_memory, bits=[2, 3, 8], error_compensation=data)
+    options = {"error_compensation": data, "error_compensation_bits": compensated}
+    reference = quept_hf.freeze(in_memory, bits=[2, 3, 8], **options)
     plain = quept_hf.freeze(in_memory, bits=[3])
     moved = reference.model.layers[2].mlp.down_proj.qweight["3"], plain.model.layers[2].mlp.down_proj.qweight["3"]
-    assert not torch.equal(*moved)  # compensation changed codes of an offloaded block: the comparison means something
-    folder = save_frozen(offloaded, tmp_path / "frozen", bits=[2, 3, 8], error_compensation=data)
+    assert torch.equal(*moved) == (compensated == [8])  # W3 compensated unless only W8 is asked for
+    folder = save_frozen(offloaded, tmp_path / "frozen", bits=[2, 3, 8], **options)
     assert sorted(p.name for p in Path(folder).iterdir() if p.name.startswith(".")) == []  # parked codes gone
     _assert_same_model(reference, AutoModelForCausalLM.from_pretrained(folder), bits=(2, 3, 8))
 

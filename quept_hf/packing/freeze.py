@@ -160,6 +160,7 @@ def freeze(
     head_bits: int | None = None,
     error_compensation: Any = None,
     tokenizer: Any = None,
+    error_compensation_bits: Iterable[int] | None = None,
 ) -> nn.Module:
     """The frozen elastic model of ``model`` (left unchanged): codes of every kept width, no float master.
 
@@ -178,6 +179,10 @@ def freeze(
             size. One forward pass over the data per kept width from 3 bits (2 bits keep plain rounding:
             `COMPENSATED_MIN_BITS`). ``None`` (default): plain rounding.
         tokenizer: the tokenizer of ``error_compensation`` texts.
+        error_compensation_bits: the kept widths to compensate (default: every one from `COMPENSATED_MIN_BITS`);
+            the others keep plain rounding, i.e. the elastic model's codes. Compensation re-rounds each layer
+            towards its float outputs, which can undo what a width's own MB-CLoRA slice learned for the block
+            (docs/RESULTS.md, "W4 in a bit group of its own": W4 worse with it, W3 better).
 
     Returns a transformers model of the same class whose quantized linears are `FrozenLinear`: it answers
     ``set_adapter("w3")`` / ``set_adapter("mixed-3.25")``, `quept_hf.set_bits` and `quept_hf.get_bits`, saves with
@@ -191,7 +196,7 @@ def freeze(
     refuse_offloaded(model, "freeze")
     uniform, plan_maps, kept = kept_widths(model, bits, plans)
     by_width: dict[str, dict[int, QuantizedLinear]] = {module: {} for module in kept}
-    for b, hessians in _hessians_by_width(model, config, kept, error_compensation, tokenizer):
+    for b, hessians in _hessians_by_width(model, config, kept, error_compensation, tokenizer, error_compensation_bits):
         planned = {m: b for m, w in kept.items() if b in w and (hessians is None or m in hessians)}
         for module, q in quantize_layers(model, planned, hessians).items():
             by_width[module][b] = q
@@ -217,12 +222,18 @@ def freeze(
 
 
 def _hessians_by_width(
-    model: nn.Module, config: QuEPTConfig, kept: dict[str, list[int]], data: Any, tokenizer: Any
+    model: nn.Module,
+    config: QuEPTConfig,
+    kept: dict[str, list[int]],
+    data: Any,
+    tokenizer: Any,
+    compensated_bits: Iterable[int] | None = None,
 ) -> Iterator[tuple[int, dict[str, torch.Tensor] | None]]:
     """``(bits, hessians)`` chunks to round: ``None`` (plain rounding, every layer) without calibration data and
-    below `COMPENSATED_MIN_BITS`."""
+    for the widths not compensated (`_compensated_widths`)."""
     widths = sorted({b for w in kept.values() for b in w})
-    plain = widths if data is None else [b for b in widths if b < COMPENSATED_MIN_BITS]
+    chosen = _compensated_widths(widths, data, compensated_bits)
+    plain = [b for b in widths if b not in chosen]
     yield from ((b, None) for b in plain)
     compensated = {m: [b for b in w if b not in plain] for m, w in kept.items()}
     if not any(compensated.values()):
@@ -230,6 +241,19 @@ def _hessians_by_width(
     logger.info("QuEPT: freezing with error compensation (GPTQ on the calibrated grids), one data pass per width")
     settings = {"num_samples": config.num_samples, "seq_len": config.seq_len, "seed": config.seed}
     yield from input_hessians(model, compensated, data, tokenizer=tokenizer, **settings)
+
+
+def _compensated_widths(widths: list[int], data: Any, bits: Iterable[int] | None) -> list[int]:
+    """``error_compensation_bits`` checked against the kept ``widths``: default every width from 3 bits."""
+    if bits is None:
+        return [] if data is None else [b for b in widths if b >= COMPENSATED_MIN_BITS]
+    chosen = None if isinstance(bits, (str, bytes)) or not isinstance(bits, Iterable) else list(bits)
+    if data is None or chosen is None or any(b not in widths for b in chosen):
+        raise ValueError(
+            f"freeze: error_compensation_bits={bits!r} must be a list of kept bit-widths, {widths}, given with "
+            "error_compensation data"
+        )
+    return sorted(set(chosen))
 
 
 def _carry_input_transforms(frozen: nn.Module, by_width: dict[str, dict[int, QuantizedLinear]]) -> None:

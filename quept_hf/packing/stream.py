@@ -116,17 +116,18 @@ def save_frozen(
     head_bits: int | None = None,
     error_compensation: Any = None,
     tokenizer: Any = None,
+    error_compensation_bits: Iterable[int] | None = None,
 ) -> str:
     """Write the frozen checkpoint of ``model`` to ``save_directory`` one block at a time; returns the folder.
 
     Same arguments and result as ``quept_hf.freeze(model, bits, plans, head_bits=..., error_compensation=...,
-    tokenizer=...).save_pretrained(folder)``, at a peak memory of one block: for models dispatched by accelerate
-    with their weights offloaded (any model works). Load the result with ``from_pretrained(folder)``. The folder
-    is written in a staging folder next to it and swapped in at the end: it holds the old checkpoint or the new
-    one, never a part of it. With ``error_compensation`` the input Hessians come from forward passes of the
-    dispatched model (accelerate loads each block in turn; one pass per width and Hessian chunk, as `freeze`),
-    and the compensated codes of each chunk wait in a temporary file of the staging folder until their block is
-    written.
+    tokenizer=..., error_compensation_bits=...).save_pretrained(folder)``, at a peak memory of one block: for
+    models dispatched by accelerate with their weights offloaded (any model works). Load the result with
+    ``from_pretrained(folder)``. The folder is written in a staging folder next to it and swapped in at the end:
+    it holds the old checkpoint or the new one, never a part of it. With ``error_compensation`` the input
+    Hessians come from forward passes of the dispatched model (accelerate loads each block in turn; one pass per
+    width and Hessian chunk, as `freeze`), and the compensated codes of each layer wait in a temporary file of
+    the staging folder until their block is written.
     """
     base = unwrap(model)
     config = base.config.quantization_config
@@ -142,7 +143,7 @@ def save_frozen(
     metadata = format_record(types.SimpleNamespace(config=types.SimpleNamespace(quantization_config=description)))
     folder = os.fspath(save_directory)
     with staged_folder(folder) as staging:
-        compensated = _compensated_codes(model, kept, error_compensation, tokenizer, staging)
+        compensated = _compensated_codes(model, kept, error_compensation, tokenizer, error_compensation_bits, staging)
         _write_tensors(model, staging, kept, metadata, head_bits, compensated)
         compensated.discard()
         hf_config.quantization_config = description.to_dict()
@@ -189,23 +190,23 @@ class CompensatedCodes:
 
 
 def _compensated_codes(
-    model: nn.Module, kept: dict[str, list[int]], data: Any, tokenizer: Any, staging: str
+    model: nn.Module, kept: dict[str, list[int]], data: Any, tokenizer: Any, bits: Iterable[int] | None, staging: str
 ) -> CompensatedCodes:
     """The compensated codes of every (layer, width) `freeze` compensates, from the same Hessians
     (`_hessians_by_width`), each chunk's layers quantized with their blocks loaded one at a time."""
-    if data is None:
+    if data is None and bits is None:
         return CompensatedCodes()
     codes = CompensatedCodes(tempfile.mkdtemp(prefix=".compensated-", dir=staging))
     base = unwrap(model)
     config = base.config.quantization_config
     layers = {id(m): n for n, m in base.named_modules()}
-    for bits, hessians in _hessians_by_width(model, config, kept, data, tokenizer):
+    for width, hessians in _hessians_by_width(model, config, kept, data, tokenizer, bits):
         if hessians is None:
             continue  # plain rounding: done as the blocks are written
         modules = [base.get_submodule(m) for m in kept if m in hessians]
         for layer in each_onloaded(base, modules):
             name = layers[id(layer)]
-            codes.add(quantize_layers(model, {name: bits}, {name: hessians[name]}))
+            codes.add(quantize_layers(model, {name: width}, {name: hessians[name]}))
     return codes
 
 
