@@ -71,6 +71,9 @@ def parse_args():
     parser.add_argument("--jobs", type=int, default=2, help="compile jobs if llama.cpp's tools must be built")
     parser.add_argument("--fresh", action="store_true", help="redo the GGUF files (the calibration stays cached)")
     parser.add_argument("--no-compensation", action="store_true", help="leave the QuEPT+comp files out")
+    parser.add_argument("--smoothing", default=None, choices=["on", "off"], help="QuEPT's smoothing (default: "
+                        "QuEPTConfig's, on for weight-only; off keeps SmolLM2's own Q4_1 grid reachable)")  # fmt: skip
+    parser.add_argument("--tag", default="", help="suffix of the CSV name (keeps runs apart)")
     quick = {"rungs": QUICK_RUNGS, "chunks": 4, "num_samples": 4, "calib_len": 128, "gen_tokens": 16, "reps": 1}
     return common.setup(parser.parse_args(), quick=quick)
 
@@ -80,7 +83,7 @@ def parse_args():
 
 def calibration_settings(args) -> dict:
     keys = ("num_samples", "calib_len", "epochs", "rank", "group_size")
-    return {k: getattr(args, k) for k in keys}
+    return {k: getattr(args, k) for k in keys} | ({"smoothing": args.smoothing} if args.smoothing else {})
 
 
 def quept_model(smol: common.SmolLM2, args) -> tuple[torch.nn.Module, Path]:
@@ -91,9 +94,11 @@ def quept_model(smol: common.SmolLM2, args) -> tuple[torch.nn.Module, Path]:
     if (folder / "config.json").is_file():
         print(f"QuEPT: cached calibration {folder} {settings}", flush=True)
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), folder
+    smoothing = {} if args.smoothing is None else {"smoothing": args.smoothing == "on"}
     config = quept_hf.QuEPTConfig(
-        mode="weight_only", num_samples=args.num_samples, seq_len=args.calib_len, group_size=args.group_size
-    )
+        mode="weight_only", num_samples=args.num_samples, seq_len=args.calib_len, group_size=args.group_size,
+        **smoothing,
+    )  # fmt: skip
     config.ranks = [args.rank] * len(config.bit_groups)
     model = smol.load(config)
     print(f"QuEPT: calibrating once for bits {config.bits} {settings} ...", flush=True)
@@ -300,7 +305,7 @@ def main() -> None:
                 entries.append(Entry("QuEPT+comp", rung, quept_file(frozen, folder, rung, args, "-comp"), RUNGS[rung]))
         del model
     rows = [measure(e, tools, heldout, args) for e in tqdm(entries, desc="llama-perplexity + llama-bench")]
-    common.write_results("gguf_ladder" + ("_quick" if args.quick else ""), rows)
+    common.write_results("gguf_ladder" + ("_quick" if args.quick else "") + args.tag, rows)
     print_tables(rows, args)
     print(f"QuEPT calibration: {calibration_settings(args)}")
 
