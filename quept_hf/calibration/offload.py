@@ -48,6 +48,7 @@ __all__ = [
     "has_offloaded",
     "holds",
     "is_offloaded",
+    "loaded_on_cpu",
     "offloaded_units",
     "onloaded",
     "prepare",
@@ -340,6 +341,17 @@ def prepare(model: nn.Module, init: Callable[[nn.Module], None] = _init_missing)
         logger.info("QuEPT: %d offloaded units, each loaded whole and one at a time (%s, ...)", len(units),
                     next(iter(units)))  # fmt: skip
     return units
+
+
+@contextlib.contextmanager
+def loaded_on_cpu(*modules: nn.Module) -> Iterator[None]:
+    """The offloaded ones of ``modules`` loaded on the CPU together inside the block (`onloaded`: what changed is
+    written back on exit); resident modules are used as they are."""
+    with contextlib.ExitStack() as stack:
+        for module in {id(m): m for m in modules}.values():
+            if has_offloaded(module):
+                stack.enter_context(onloaded(module, "cpu"))
+        yield
 
 
 def replay(model: nn.Module, kind: type, fn: Callable[[nn.Module], None]) -> None:

@@ -29,9 +29,7 @@ checkpoint grows by one vocabulary x hidden matrix.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -41,7 +39,7 @@ from ..config import QuEPTConfig
 from ..models import Architecture, DecoderLayout, find_architecture
 from ..nn.hadamard import base_order, hadamard_matrix, hadamard_transform, random_signs
 from ..nn.kv_cache import KV_ATTRIBUTE, KVQuantization, inner_implementation, register_kv_attention
-from .offload import each_onloaded, has_offloaded, onloaded
+from .offload import each_onloaded, loaded_on_cpu
 from .reparam import norm_scale, rewrite_inputs, rewrite_outputs, scale_inputs
 
 logger = logging.getLogger(__name__)
@@ -225,21 +223,11 @@ def rotate_model(model: nn.Module, seed: int = 0) -> None:
         rotate_value_heads(block, layout)
         rotate_down_inputs(block, layout)
     final_norm = layout.final_norm(model)
-    with _loaded(embedding, final_norm, head):
+    with loaded_on_cpu(embedding, final_norm, head):
         rewrite_inputs(embedding, q.read)
         _fold_norm(final_norm, [head], layout.norm_offset)
         rewrite_inputs(head, q.read)
     logger.info("QuEPT: rotated %d blocks (hidden %d, seed %d)", len(blocks), hidden, seed)
-
-
-@contextlib.contextmanager
-def _loaded(*modules: nn.Module) -> Iterator[None]:
-    """The offloaded ones of ``modules`` loaded on the CPU together, written back on exit."""
-    with contextlib.ExitStack() as stack:
-        for module in {id(m): m for m in modules}.values():
-            if has_offloaded(module):
-                stack.enter_context(onloaded(module, "cpu"))
-        yield
 
 
 # ------------------------------------------------------------------------------------------ online transforms

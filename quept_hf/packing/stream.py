@@ -16,7 +16,6 @@ compressed-tensors (`quept_hf.packing.interop.export_compressed_tensors`); the G
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -34,7 +33,7 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from ..atomic import staged_folder
-from ..calibration.offload import each_onloaded, has_offloaded, onloaded, stored_tensor
+from ..calibration.offload import each_onloaded, loaded_on_cpu, stored_tensor
 from ..compat import unwrap
 from ..models import architecture_for
 from ..nn import QuEPTLinear
@@ -222,8 +221,7 @@ def _write_tensors(
 
     def head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         base = unwrap(model)
-        head_module = base.get_output_embeddings()
-        with onloaded(head_module, "cpu") if has_offloaded(head_module) else contextlib.nullcontext():
+        with loaded_on_cpu(base.get_output_embeddings()):
             head_name, head_state = _head_tensors(base, head_bits)
         return {k: v for k, v in state.items() if not k.startswith(head_name + ".")} | head_state
 
@@ -261,7 +259,7 @@ def write_blockwise(
     weight_map: dict[str, str] = {}
     for block, name, shard in tqdm(zip(blocks, block_names, shards, strict=False), total=len(blocks),
                                    desc="QuEPT (streamed, block by block)", unit="block"):  # fmt: skip
-        with onloaded(block, "cpu") if has_offloaded(block) else contextlib.nullcontext():
+        with loaded_on_cpu(block):
             modules = [m for m in quantized if m.startswith(name + ".")]
             state = {**_other_tensors(block, name + ".", quantized_prefixes), **layer_tensors(modules)}
             _write_shard(folder, shard, state, metadata)
@@ -293,7 +291,7 @@ def _rest(
         state[name] = stored_tensor(base, key) if tensor.device.type == "meta" else tensor.detach()
     for module in (m for m in quantized if not m.startswith(inside)):
         layer = base.get_submodule(module)
-        with onloaded(layer, "cpu") if has_offloaded(layer) else contextlib.nullcontext():
+        with loaded_on_cpu(layer):
             state.update(layer_tensors([module]))
     return state
 
