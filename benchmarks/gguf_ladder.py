@@ -48,6 +48,7 @@ from transformers import AutoModelForCausalLM
 import quept_hf
 from quept_hf import assets
 from quept_hf.calibration.data import text_windows
+from quept_hf.cli import parse_zero_point
 from quept_hf.packing.gguf import gguf_summary
 
 WORK = Path(__file__).resolve().parent / ".gguf-ladder"
@@ -73,6 +74,9 @@ def parse_args():
     parser.add_argument("--no-compensation", action="store_true", help="leave the QuEPT+comp files out")
     parser.add_argument("--smoothing", default=None, choices=["on", "off"], help="QuEPT's smoothing (default: "
                         "QuEPTConfig's, on for weight-only; off keeps SmolLM2's own Q4_1 grid reachable)")  # fmt: skip
+    parser.add_argument("--zero-point", default="4:float,5:float", help="QuEPT's zero point per width: 'integer', "
+                        "'float' or BITS:KIND comma-separated (default: float at 4 and 5 bits, Q4_1/Q5_1's free "
+                        "minimum, so those rungs hold the calibrated grid exactly)")  # fmt: skip
     parser.add_argument("--tag", default="", help="suffix of the CSV name (keeps runs apart)")
     quick = {"rungs": QUICK_RUNGS, "chunks": 4, "num_samples": 4, "calib_len": 128, "gen_tokens": 16, "reps": 1}
     return common.setup(parser.parse_args(), quick=quick)
@@ -83,7 +87,8 @@ def parse_args():
 
 def calibration_settings(args) -> dict:
     keys = ("num_samples", "calib_len", "epochs", "rank", "group_size")
-    return {k: getattr(args, k) for k in keys} | ({"smoothing": args.smoothing} if args.smoothing else {})
+    settings = {k: getattr(args, k) for k in keys} | ({"smoothing": args.smoothing} if args.smoothing else {})
+    return settings | ({"zero_point": args.zero_point} if args.zero_point != "integer" else {})  # old keys stay
 
 
 def quept_model(smol: common.SmolLM2, args) -> tuple[torch.nn.Module, Path]:
@@ -97,7 +102,7 @@ def quept_model(smol: common.SmolLM2, args) -> tuple[torch.nn.Module, Path]:
     smoothing = {} if args.smoothing is None else {"smoothing": args.smoothing == "on"}
     config = quept_hf.QuEPTConfig(
         mode="weight_only", num_samples=args.num_samples, seq_len=args.calib_len, group_size=args.group_size,
-        **smoothing,
+        zero_point=parse_zero_point(args.zero_point), **smoothing,
     )  # fmt: skip
     config.ranks = [args.rank] * len(config.bit_groups)
     model = smol.load(config)

@@ -42,6 +42,17 @@ def parse_bits(text: str) -> list[int] | None:
     return bits
 
 
+def parse_zero_point(text: str) -> str | dict[int, str]:
+    """``"float"`` -> every width; ``"4:float,5:float"`` -> those widths (`QuEPTConfig` checks the kinds)."""
+    if ":" not in text:
+        return text
+    try:
+        return {int(b): kind for b, kind in (item.split(":") for item in text.split(","))}
+    except ValueError as error:
+        allowed = "expected integer, float or BITS:KIND pairs like 4:float,5:float"
+        raise CliError(f"--zero-point {text!r}: {allowed}") from error
+
+
 def read_texts(path: str) -> list[str]:
     """A text file (paragraphs separated by blank lines) or a saved ``datasets`` folder with a text column."""
     if os.path.isdir(path):
@@ -86,7 +97,12 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
     bits = parse_bits(args.bits)
     config = quept_hf.QuEPTConfig(
-        mode=args.mode, bits=bits, num_samples=args.num_samples, seq_len=args.seq_len, epochs=args.epochs
+        mode=args.mode,
+        bits=bits,
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
+        epochs=args.epochs,
+        zero_point=parse_zero_point(args.zero_point),
     )
     if args.rank:
         config.ranks = [args.rank] * len(config.bit_groups)
@@ -204,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--seq-len", type=int, default=512)
     calibrate.add_argument("--epochs", type=int, default=5)
     calibrate.add_argument("--rank", type=int, default=None, help="MB-CLoRA rank each bit group adds")
+    calibrate.add_argument(
+        "--zero-point",
+        default="integer",
+        help="integer (default), float, or per width like "
+        "4:float,5:float (GGUF Q4_1/Q5_1's free minimum: those exports hold the grid exactly)",
+    )
     calibrate.add_argument("--checkpoint-dir", default=None, help="resumable per-block checkpoints")
     calibrate.add_argument("--push-to-hub", default=None, metavar="REPO", help="also push to this Hub repo")
     calibrate.set_defaults(func=cmd_calibrate)

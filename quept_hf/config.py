@@ -39,6 +39,7 @@ TOKEN_MERGE_MODES = ("mbtome", "none", "uniform", "separate")
 LOSSES = ("l1", "mse")
 CASCADE_TRAINING = ("joint", "owned")
 LR_SCALING = ("none", "step")
+ZERO_POINTS = ("integer", "float")
 DEFAULT_LR_SCALING = {"weight_only": "step", "weight_activation": "none"}
 MAX_LR = 1.0  # a larger Adam step moves a weight by more than its whole quantization range
 MAX_SEED = 2**32 - 1  # numpy's seed range; torch generators take it too
@@ -46,7 +47,7 @@ MAX_SEED = 2**32 - 1  # numpy's seed range; torch generators take it too
 # What the saved tensors depend on (how they were made and how loading reads them): a config.json edited in these
 # fields no longer describes the weights (`quept_hf.serialization` keeps their digests in the safetensors metadata).
 FORMAT_FIELDS = (
-    "mode", "bits", "bit_groups", "group_size", "rotation", "kv_bits", "quantize_attention_probs",
+    "mode", "bits", "bit_groups", "group_size", "zero_point", "rotation", "kv_bits", "quantize_attention_probs",
     "quantize_vision_tower", "modules_to_not_convert", "packed", "frozen", "format_version",
 )  # fmt: skip
 # Calibration settings: what the engine reads, what its checkpoints fingerprint and what model cards report.
@@ -141,6 +142,13 @@ class QuEPTConfig(QuantizationConfigMixin):
         group_size: input columns per quantization group; ``-1`` means per output channel. An int applies
             to every bit-width; a mapping ``{bits: size}`` sets it per bit-width. Default: 128 for
             bits <= 3, per-channel above (as the QuEPT authors do).
+        zero_point: ``"integer"`` (the spec's grid ``s (c - z)`` with an integer ``z``; what integer kernels,
+            compressed-tensors and vLLM store) or ``"float"`` (``z`` real-valued, so the grid's minimum is exactly
+            the clipped group minimum: GGUF ``Q4_1`` / ``Q5_1``'s ``d q + m``, whose export then holds the
+            calibrated grid exactly). A string applies to every bit-width; ``{bits: kind}`` sets some (the rest
+            stay ``"integer"``), e.g. ``{4: "float", 5: "float"}`` for a GGUF ladder. Float widths export to
+            GGUF and the packed/frozen formats, not to compressed-tensors (refused), and decode without the
+            integer low-bit kernels.
         ranks: MB-CLoRA rank each group adds to the cascade, same order as ``bit_groups``.
         kv_bits: KV-cache bit-width (``None`` = off, an int, or ``"follow"`` the active bit-width): keys (after
             RoPE) and values quantized asymmetrically per (token, head), clipping 0.95 (`quept_hf.nn.kv_cache`).
@@ -220,6 +228,7 @@ class QuEPTConfig(QuantizationConfigMixin):
         bit_groups: list[list[int]] | None = None,
         default_bits: int | None = None,
         group_size: int | dict[int, int] | None = None,
+        zero_point: str | dict[int, str] | None = None,
         ranks: list[int] | None = None,
         kv_bits: int | str | None = None,
         rotation: bool | None = None,
@@ -275,6 +284,7 @@ class QuEPTConfig(QuantizationConfigMixin):
         self.bits = chosen if chosen is not None else _flatten(self.bit_groups)
         self.default_bits = default_bits if default_bits is not None else max(self.bits)
         self.group_size = self._normalise_group_size(group_size)
+        self.zero_point = self._normalise_zero_point(zero_point)
         self.ranks = copy.deepcopy(ranks) if ranks is not None else [64] * len(self.bit_groups)
         self.kv_bits = kv_bits
         self.rotation = rotation
@@ -353,6 +363,19 @@ class QuEPTConfig(QuantizationConfigMixin):
             raise ValueError(f"QuEPTConfig.group_size has no entry for bit-width(s) {missing}")
         return {b: sizes[b] for b in self.bits}
 
+    def _normalise_zero_point(self, zero_point: Any) -> dict[int, str]:
+        """``{bits: kind}`` for exactly this config's bit-widths: a string applies to all, a mapping names some
+        (JSON's string keys allowed; the others stay ``"integer"``). The kinds themselves are checked by
+        `_check_switches`."""
+        if zero_point is None or isinstance(zero_point, str):
+            return dict.fromkeys(self.bits, zero_point or "integer")
+        if not isinstance(zero_point, dict):
+            _refuse("zero_point", zero_point, f"expected one of {ZERO_POINTS}, a dict {{bits: kind}} or None")
+        kinds = {_group_size_key(b): z for b, z in zero_point.items()}
+        if None in kinds or any(b not in self.bits for b in kinds):
+            _refuse("zero_point", zero_point, f"keys must be bit-widths of bits={self.bits}")
+        return {b: kinds.get(b, "integer") for b in self.bits}
+
     @staticmethod
     def _module_names(names: Any) -> list[str]:
         """A list of module names; one string is ONE name (iterating it would give its characters)."""
@@ -430,6 +453,11 @@ class QuEPTConfig(QuantizationConfigMixin):
         self._check_choice("cascade_training", self.cascade_training, CASCADE_TRAINING)
         self._check_choice("lr_scaling", self.lr_scaling, LR_SCALING)
         self._check_choice("token_merge", self.token_merge, TOKEN_MERGE_MODES)
+        kinds = self.zero_point
+        if not isinstance(kinds, dict) or sorted(kinds, key=str) != sorted(self.bits, key=str):
+            _refuse("zero_point", kinds, f"expected {{bits: kind}} for bits={self.bits}")
+        if any(kind not in ZERO_POINTS for kind in kinds.values()):
+            _refuse("zero_point", kinds, f"each kind must be one of {ZERO_POINTS}")
         if self.quantize_attention_probs and self.mode != "weight_activation":
             raise ValueError("QuEPTConfig.quantize_attention_probs=True needs mode='weight_activation'")
 
@@ -654,6 +682,7 @@ class QuEPTConfig(QuantizationConfigMixin):
         """JSON-safe dict: run-time inputs (dataset, tokenizer) are left out, int keys become strings."""
         out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in RUNTIME_FIELDS}
         out["group_size"] = {str(b): s for b, s in self.group_size.items()}
+        out["zero_point"] = {str(b): z for b, z in self.zero_point.items()}
         return out
 
     @classmethod

@@ -55,6 +55,7 @@ def replace_linears(
             module,
             bits=config.bits,
             group_size=config.group_size,
+            zero_point=config.zero_point,
             quantize_activations=config.mode == "weight_activation",
             activation_granularity=activation_granularity,
         )

@@ -503,7 +503,8 @@ def _generator(seed: int, index: int, stream: str) -> torch.Generator:
 
 def _fingerprint(settings: QuEPTConfig, batches: list[dict]) -> dict:
     """What a checkpoint_dir must match to be resumed: the settings and the calibration data."""
-    keys = ("mode", "bits", "bit_groups", "ranks", "group_size", "cascade", "cascade_training", *CALIBRATION_SETTINGS)
+    keys = ("mode", "bits", "bit_groups", "ranks", "group_size", "zero_point", "cascade", "cascade_training")
+    keys += CALIBRATION_SETTINGS
     keys += ("rotation", "smoothing", "kv_bits")  # they change the weights / the block function
     full = settings.to_dict()
     digest = hashlib.sha256()

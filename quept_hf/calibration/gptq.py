@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn.functional import group_width, weight_qparams
+from ..nn.functional import grid_codes, group_width, weight_qparams
 
 __all__ = ["InputHessians", "compensated_weight_codes"]
 
@@ -32,6 +32,7 @@ def compensated_weight_codes(
     upper_logit: torch.Tensor,
     lower_logit: torch.Tensor,
     group_size: int,
+    float_zero: bool = False,
     *,
     act_order: bool = True,
     damping: float = DAMPING,
@@ -52,15 +53,15 @@ def compensated_weight_codes(
     if hessian.shape != (in_features, in_features):
         raise ValueError(f"hessian has shape {tuple(hessian.shape)}; the layer needs ({in_features}, {in_features})")
     target = (weight if target is None else target).detach().float()
-    grids = [weight_qparams(weight, bits, upper_logit, lower_logit, group_size)]  # the grid plain rounding uses
+    grids = [weight_qparams(weight, bits, upper_logit, lower_logit, group_size, float_zero)]  # plain rounding's
     if grid_search:
         full = torch.full_like(upper_logit, float("inf"))  # sigmoid(inf) = 1: the whole min/max range
-        grids.append(weight_qparams(target, bits, full, full, group_size))
+        grids.append(weight_qparams(target, bits, full, full, group_size, float_zero))
     column_group = torch.arange(in_features) // group_width(in_features, group_size)
     col_scale = torch.cat([scale[:, column_group, 0] for scale, _ in grids]).float()  # (rows, in), rows stacked
     col_zero = torch.cat([zero[:, column_group, 0] for _, zero in grids]).float()
     stacked = target.repeat(len(grids), 1)  # one copy of the target per candidate grid
-    codes = _gptq(stacked, hessian, col_scale, col_zero, bits, act_order, damping)
+    codes = _gptq(stacked, hessian, col_scale, col_zero, bits, float_zero, act_order, damping)
     scale, zero = (torch.cat([g[i] for g in grids]).squeeze(-1) for i in (0, 1))
     if len(grids) > 1:
         error = stacked - col_scale * (codes - col_zero)
@@ -76,6 +77,7 @@ def _gptq(
     col_scale: torch.Tensor,
     col_zero: torch.Tensor,
     bits: int,
+    float_zero: bool,
     act_order: bool,
     damping: float,
 ) -> torch.Tensor:
@@ -90,14 +92,13 @@ def _gptq(
     col_scale, col_zero = col_scale[:, order], col_zero[:, order]
     inverse = _upper_inverse_cholesky(h, damping)
     codes = torch.empty_like(work)
-    qmax = 2**bits - 1
     for start in range(0, in_features, BLOCK_COLUMNS):
         end = min(start + BLOCK_COLUMNS, in_features)
         block, errors = work[:, start:end].clone(), torch.empty(rows, end - start)
         block_inverse = inverse[start:end, start:end]
         for i in range(end - start):
             column, s, z = block[:, i], col_scale[:, start + i], col_zero[:, start + i]
-            q = torch.clamp(torch.round(column / s) + z, 0, qmax)
+            q = grid_codes(column / s, z, bits, float_zero)
             codes[:, start + i] = q
             error = (column - s * (q - z)) / block_inverse[i, i]
             block[:, i:] -= error.unsqueeze(1) * block_inverse[i, i:].unsqueeze(0)

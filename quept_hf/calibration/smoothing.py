@@ -151,9 +151,8 @@ def _weights(layers: list[QuEPTLinear], weights: list[torch.Tensor]) -> Iterator
 
 def _quantized_weight(layer: QuEPTLinear, s: torch.Tensor, bits: int) -> torch.Tensor:
     """``Q_b(W diag(s)) diag(s)^-1``: what the smoothed layer computes on the unsmoothed input."""
-    key = str(bits)
     scaled = layer.weight * s.to(layer.weight)
-    q = fake_quantize_weight(scaled, bits, layer.clip_upper[key], layer.clip_lower[key], layer.group_size[bits])
+    q = fake_quantize_weight(scaled, bits, *layer.grid(bits))
     return q / s.to(layer.weight)
 
 

@@ -139,6 +139,7 @@ class MBCLoRAModel(BaseTuner):
             (only,) = bits
             quant.bits, quant.bit_groups, quant.default_bits = [only], [[only]], only
             quant.group_size = {only: quant.group_size[only]}
+            quant.zero_point = {only: quant.zero_point[only]}
             quant.ranks = [quant.ranks[0]]
             quant.merge_weights = [1.0]
             quant.plans = {}  # one bit-width is left: no plan can switch any more

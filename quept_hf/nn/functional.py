@@ -41,35 +41,65 @@ def _group_view(weight: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def weight_qparams(
-    weight: torch.Tensor, bits: int, upper_logit: torch.Tensor, lower_logit: torch.Tensor, group_size: int
+    weight: torch.Tensor,
+    bits: int,
+    upper_logit: torch.Tensor,
+    lower_logit: torch.Tensor,
+    group_size: int,
+    float_zero: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and (STE-rounded) zero point of each (row, group), shape (out, groups, 1)."""
+    """Scale and zero point of each (row, group), shape (out, groups, 1).
+
+    The zero point is STE-rounded to an integer (the spec's grid, which integer kernels and compressed-tensors
+    store), or with ``float_zero`` kept as ``-xmin / s``: the grid's minimum is then exactly the clipped ``xmin``,
+    GGUF's ``Q4_1`` / ``Q5_1`` block ``d * q + m`` with a free ``m`` (`QuEPTConfig(zero_point="float")`).
+    """
     grouped = _group_view(weight, group_size)
     xmax = torch.sigmoid(upper_logit).unsqueeze(-1) * grouped.amax(dim=-1, keepdim=True)
     xmin = torch.sigmoid(lower_logit).unsqueeze(-1) * grouped.amin(dim=-1, keepdim=True)
     scale = ((xmax - xmin) / (2**bits - 1)).clamp(min=_EPS)
-    zero = round_ste(-xmin / scale)
+    zero = -xmin / scale if float_zero else round_ste(-xmin / scale)
     return scale, zero
 
 
+def grid_codes(
+    scaled: torch.Tensor, zero: torch.Tensor, bits: int, float_zero: bool = False, rounding=torch.round
+) -> torch.Tensor:
+    """``clamp(round(W / s + z), 0, 2^b - 1)`` from ``scaled = W / s``, as float: spelled ``round(W / s) + z`` for
+    an integer ``z`` (the spec's form, bit for bit), ``round(W / s + z)`` for a ``float_zero`` one."""
+    shifted = rounding(scaled + zero) if float_zero else rounding(scaled) + zero
+    return torch.clamp(shifted, 0, 2**bits - 1)
+
+
 def quantize_weight_codes(
-    weight: torch.Tensor, bits: int, upper_logit: torch.Tensor, lower_logit: torch.Tensor, group_size: int
+    weight: torch.Tensor,
+    bits: int,
+    upper_logit: torch.Tensor,
+    lower_logit: torch.Tensor,
+    group_size: int,
+    float_zero: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Integer codes in [0, 2^bits - 1] (out, in), with the scale and zero point (out, groups)."""
-    scale, zero = weight_qparams(weight, bits, upper_logit, lower_logit, group_size)
+    scale, zero = weight_qparams(weight, bits, upper_logit, lower_logit, group_size, float_zero)
     grouped = _group_view(weight, group_size)
-    codes = torch.clamp(torch.round(grouped / scale) + zero, 0, 2**bits - 1)
+    codes = grid_codes(grouped / scale, zero, bits, float_zero)
     codes = codes.reshape(weight.shape[0], -1)[:, : weight.shape[1]]
     return codes.to(torch.uint8), scale.squeeze(-1), zero.squeeze(-1)
 
 
 def fake_quantize_weight(
-    weight: torch.Tensor, bits: int, upper_logit: torch.Tensor, lower_logit: torch.Tensor, group_size: int
+    weight: torch.Tensor,
+    bits: int,
+    upper_logit: torch.Tensor,
+    lower_logit: torch.Tensor,
+    group_size: int,
+    float_zero: bool = False,
 ) -> torch.Tensor:
-    """Q_b(W) = s * (clamp(round(W/s) + z, 0, 2^b - 1) - z) with learnable clipping (spec section 1)."""
-    scale, zero = weight_qparams(weight, bits, upper_logit, lower_logit, group_size)
+    """Q_b(W) = s * (clamp(round(W/s) + z, 0, 2^b - 1) - z) with learnable clipping (spec section 1);
+    ``float_zero``: a real-valued ``z`` (`weight_qparams`), rounded together with ``W/s``."""
+    scale, zero = weight_qparams(weight, bits, upper_logit, lower_logit, group_size, float_zero)
     grouped = _group_view(weight, group_size)
-    codes = torch.clamp(round_ste(grouped / scale) + zero, 0, 2**bits - 1)
+    codes = grid_codes(grouped / scale, zero, bits, float_zero, round_ste)
     dequant = scale * (codes - zero)
     return dequant.reshape(weight.shape[0], -1)[:, : weight.shape[1]]
 

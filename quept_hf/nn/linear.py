@@ -71,6 +71,7 @@ class QuEPTLinear(nn.Module):
         *,
         bits: list[int],
         group_size: dict[int, int],
+        zero_point: dict[int, str] | None = None,
         quantize_activations: bool = False,
         activation_granularity: str = "per_token",
         device: torch.device | str | None = None,
@@ -80,6 +81,8 @@ class QuEPTLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits = sorted(bits)
         self.group_size = {int(b): int(group_size[b]) for b in self.bits}
+        # `QuEPTConfig.zero_point`: True where width b's zero point is real-valued (GGUF Q4_1/Q5_1's free minimum)
+        self.float_zero = {b: (zero_point or {}).get(b, "integer") == "float" for b in self.bits}
         self.quantize_activations = quantize_activations
         if activation_granularity not in ACTIVATION_GRANULARITIES:
             raise ValueError(f"activation_granularity={activation_granularity!r}; allowed: {ACTIVATION_GRANULARITIES}")
@@ -168,8 +171,13 @@ class QuEPTLinear(nn.Module):
         weight = self.weight if weight_delta is None else self.weight + weight_delta.to(self.weight.dtype)
         if bits >= FLOAT_BITS:
             return weight
+        return fake_quantize_weight(weight, bits, *self.grid(bits))
+
+    def grid(self, bits: int) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+        """Width ``bits``'s grid arguments of `quept_hf.nn.functional`'s weight quantizers: clipping logits, group
+        size, float zero point (one place, so every caller quantizes as the layer does)."""
         key = str(bits)
-        return fake_quantize_weight(weight, bits, self.clip_upper[key], self.clip_lower[key], self.group_size[bits])
+        return self.clip_upper[key], self.clip_lower[key], self.group_size[bits], self.float_zero[bits]
 
     def quantize_input(self, x: torch.Tensor, act_bits: int | None = None) -> torch.Tensor:
         """The layer's input as it enters the matmul at ``act_bits`` (default: the active activation width)."""

@@ -66,6 +66,7 @@ def packed_config(config: QuEPTConfig, name: str, layers: dict[str, QuantizedLin
         bit_groups=[used],
         default_bits=max(used),
         group_size={b: config.group_size[b] for b in used},
+        zero_point={b: config.zero_point[b] for b in used},
         ranks=[config.ranks[0]],
         merge_weights=[1.0],
         packed={"format": PACKED_FORMAT, "version": PACKED_VERSION, "source": name},

@@ -89,6 +89,7 @@ def frozen_config(
         bit_groups=[used],
         default_bits=config.default_bits if config.default_bits in uniform else max(uniform),
         group_size={b: config.group_size[b] for b in used},
+        zero_point={b: config.zero_point[b] for b in used},
         ranks=[config.ranks[0]],
         merge_weights=[1.0],
         frozen={"format": FROZEN_FORMAT, "version": FROZEN_VERSION, "bits": kept, "per_tensor_activations": per_tensor},

@@ -121,7 +121,13 @@ def _ct_tensors(name: str, q: QuantizedLinear, size: int | None) -> dict[str, to
 
     offset = 1 << (q.bits - 1)
     zeros, scales = q.zeros, q.scales
-    if not torch.equal(zeros, zeros.round()) or zeros.min() < 0 or zeros.max() > 2 * offset - 1:
+    if not torch.equal(zeros, zeros.round()):
+        raise ValueError(
+            f"{name}: W{q.bits} has float zero points (QuEPTConfig.zero_point={{{q.bits}: 'float'}}), which "
+            "compressed-tensors (integer zero points) cannot store: export that width with format='gguf' or "
+            "calibrate it with zero_point='integer'"
+        )
+    if zeros.min() < 0 or zeros.max() > 2 * offset - 1:
         raise ValueError(
             f"{name}: zero points outside 0..{2 * offset - 1} (a group whose weights all share one sign): "
             "compressed-tensors cannot store them exactly"

@@ -345,10 +345,12 @@ def prepare_kernel(
         raise ValueError(
             f"scales {tuple(scales.shape)}, zeros {tuple(zeros.shape)}: expected ({out_features}, {groups})"
         )
+    if not torch.equal(zeros, zeros.round()):
+        return None  # a float zero point (`QuEPTConfig(zero_point="float")`): the integer kernels' shift cannot hold it
     max_tokens = MAX_TOKENS[name] if max_tokens == -1 else max_tokens
     prepare = {"int8pack": _prepare_int8, "int4pack": _prepare_int4, "int4x2pack": _prepare_int4x2}[name]
     with torch.no_grad():  # uint8 codes: the int8 path reinterprets their bytes, so wider integers must narrow first
-        return prepare(codes.to(torch.uint8), scales.float(), zeros.float().round(), bits, group_size, max_tokens)
+        return prepare(codes.to(torch.uint8), scales.float(), zeros.float(), bits, group_size, max_tokens)
 
 
 def _shift_codes(codes: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

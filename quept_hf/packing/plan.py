@@ -148,16 +148,14 @@ def _quantize(
     weight = layer.weight
     if adapter is not None and not (adapter.disable_adapters or adapter.merged):
         weight = weight + adapter.delta_weight(bits).to(weight.dtype)  # as QuEPTLinear.quantized_weight does
-    key, group_size = str(bits), layer.group_size[bits]
-    clipping = (layer.clip_upper[key], layer.clip_lower[key])
     if hessian is None:
-        codes, scales, zeros = quantize_weight_codes(weight, bits, *clipping, group_size)
+        codes, scales, zeros = quantize_weight_codes(weight, bits, *layer.grid(bits))
     else:
         # the grid of W + ΔW_b, the outputs of the FLOAT layer: GPTQ matching W + ΔW_b itself undoes what training
         # did for rounding (docs/RESULTS.md, "Error-compensated freezing": W4 26.20 against 23.89 for this target)
         target = layer.weight
         codes, scales, zeros = compensated_weight_codes(
-            weight, hessian, bits, *clipping, group_size, target=target, grid_search=GRID_SEARCH
+            weight, hessian, bits, *layer.grid(bits), target=target, grid_search=GRID_SEARCH
         )
     act_bits, act_log_step = None, None
     if layer.quantize_activations:
@@ -166,6 +164,7 @@ def _quantize(
     if act_bits is not None and getattr(layer, "activation_granularity", "per_token") == "per_tensor":
         act_log_step = layer.clip_act[str(act_bits)].detach()
     bias = None if layer.bias is None else layer.bias.detach()
+    group_size = layer.group_size[bits]
     return QuantizedLinear(codes, scales, zeros, bias, bits, group_size, act_bits, layer.input_transform, act_log_step)
 
 
