@@ -1,14 +1,15 @@
-"""GGML block encoders that carry QuEPT's integer grid into llama.cpp's quant types.
+"""GGML block encoders that carry QuEPT's grid into llama.cpp's quant types.
 
 Why a module of its own: gguf-py (llama.cpp's Python package) quantizes float tensors blindly (min/max or
 absmax per block) and cannot quantize the K-types at all, while a QuEPT layer already HAS its grid: codes ``c``,
-scale ``s`` and integer zero ``z`` per (row, group), ``W = s * (c - z)``. Each encoder here takes that grid and
+scale ``s`` and zero ``z`` per (row, group), ``W = s * (c - z)`` (``z`` an integer, or real-valued for a width
+calibrated with ``QuEPTConfig(zero_point="float")``). Each encoder here takes that grid and
 writes the bytes gguf-py's own ``gguf.quants.dequantize`` (and llama.cpp) decode, so that:
 
 * ``Q4_1`` / ``Q5_1`` (``x = d * q + m``, blocks of 32) hold QuEPT's 4/5-bit grid EXACTLY where every 32-block
-  lies in one QuEPT group: ``q = c``, ``d = s``, ``m = -s * z``. The only error is the fp16 rounding of ``d`` and
-  ``m``: ``|x - W| <= c * |fp16(s) - s| + |fp16(-s z) + s z|`` (plus float32 round-off), i.e. at most
-  ``2^-11 * (|s| * (2^b - 1) + |s z|)`` for normal fp16 numbers;
+  lies in one QuEPT group: ``q = c``, ``d = s``, ``m = -s * z`` (any ``z``, integer or float). The only error is
+  the fp16 rounding of ``d`` and ``m``: ``|x - W| <= c * |fp16(s) - s| + |fp16(-s z) + s z|`` (plus float32
+  round-off), i.e. at most ``2^-11 * (|s| * (2^b - 1) + |s z|)`` for normal fp16 numbers;
 * the symmetric types (``Q4_0``, ``Q5_0``, ``Q8_0``: ``x = d * k``) and the K-types (``Q2_K``, ``Q3_K``,
   ``Q6_K``: sub-block scales on a 256-superblock) are SEARCHED against QuEPT's dequantized weight ``y``: per block
   the candidate scales include QuEPT's own ``s`` (exact whenever ``c - z`` fits the type's integer range, e.g.
