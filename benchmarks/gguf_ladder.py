@@ -12,7 +12,8 @@ Every number comes from llama.cpp's own tools, built once from the vendored sour
   `llama-imatrix` on the SAME calibration windows QuEPT calibrates on (decoded to text, chunks of that length);
   token embedding (tied output) at Q8_0 in every file, as QuEPT's export, so the rungs differ in the linears only;
 * QuEPT: one elastic calibration (`--num-samples` x `--calib-len` tokens, `--epochs`, rank `--rank` per bit group,
-  group `--group-size` at every width: GGUF stores a scale per 32 weights anyway), cached in
+  group `--group-size` at every width: GGUF stores a scale per 32 weights anyway; `--zero-point`, by default a
+  float zero point at 4 and 5 bits, the Q4_1/Q5_1 block's free minimum), cached in
   benchmarks/.gguf-ladder/ so reruns skip it, then `quept_hf.export(model, "wB", path, format="gguf")` per rung
   (the Q4_0 rung: W4 with `weight_types={4: "Q4_0"}`, its asymmetric grid searched into symmetric blocks);
 * QuEPT+comp: the same calibration frozen with error compensation on the same calibration windows
