@@ -199,3 +199,11 @@ def test_cli_zero_point_forms():
     assert parse_zero_point("4:float,5:float") == {4: "float", 5: "float"}
     with pytest.raises(CliError, match="--zero-point 'four:float'"):
         parse_zero_point("four:float")
+
+
+def test_model_card_and_hub_metadata_name_the_float_widths(floating):
+    from quept_hf.hub import model_card
+
+    card = model_card(floating, "me/tiny", lookup_hub=False)
+    assert "Float zero points (GGUF Q4_1/Q5_1's free\n  minimum) at 4 bits, 5 bits" in card.text
+    assert card.data.to_dict()["quept"]["zero_point"]["4"] == "float"
