@@ -7,7 +7,8 @@ keeps the float weight, MB-CLoRA factors and clipping logits in memory. Freezing
 
 * ``qweight[b]``: uint8 ``(out, ceil(in * b / 8))``, rows packed densely by `quept_hf.packing.codec`;
 * ``scales[b]``, ``zeros[b]``: ``(out, groups_b)`` in the model's float dtype (zero points are integer-valued but
-  may leave ``[0, 2^b - 1]``, which float holds exactly: see `quept_hf.packing.linear`);
+  may leave ``[0, 2^b - 1]``, which float holds exactly: see `quept_hf.packing.linear`; real-valued for a width
+  calibrated with ``QuEPTConfig(zero_point="float")``, rounded to that dtype like the scales);
 * ``act_log_step[b]``: per-tensor activation quantization only (ViTs), the calibrated log step of width ``b``;
 * ``bias``.
 
