@@ -137,6 +137,7 @@ PLAUSIBLE = {
     "lr_scaling": st.sampled_from([None, "none", "step"]),
     "cascade_training": st.sampled_from(["joint", "owned"]),
     "quantize_attention_probs": st.booleans(),
+    "zero_point": st.sampled_from([None, "integer", "float", "round", {}, {"4": "float"}, {4: "float", 8: "integer"}]),
 }
 
 
@@ -160,6 +161,10 @@ def _expected(name: str, given, config: QuEPTConfig):
     if name == "group_size":
         sizes = dict.fromkeys(config.bits, given) if isinstance(given, int) else given
         return {str(int(b)): s for b, s in sizes.items()}
+    if name == "zero_point":
+        # A string applies to every width; a mapping names some, the others stay "integer".
+        kinds = dict.fromkeys(config.bits, given) if isinstance(given, str) else {int(b): z for b, z in given.items()}
+        return {str(b): kinds.get(b, "integer") for b in config.bits}
     return given
 
 
