@@ -15,10 +15,12 @@ Every number comes from llama.cpp's own tools, built once from the vendored sour
   group `--group-size` at every width: GGUF stores a scale per 32 weights anyway; `--zero-point`, by default a
   float zero point at 4 and 5 bits, the Q4_1/Q5_1 block's free minimum), cached in
   benchmarks/.gguf-ladder/ so reruns skip it, then `quept_hf.export(model, "wB", path, format="gguf")` per rung
-  (the Q4_0 rung: W4 with `weight_types={4: "Q4_0"}`, its asymmetric grid searched into symmetric blocks);
+  (the Q4_0 rung: W4's calibrated clipping frozen onto Q4_0's symmetric grid,
+  `quept_hf.freeze(model, bits=[4], zero_point={4: "symmetric"})`, then exported exactly);
 * QuEPT+comp: the same calibration frozen with error compensation on the same calibration windows
   (`quept_hf.freeze(model, error_compensation=texts)`: GPTQ rounding on the calibrated grid, each row's grid
-  searched; 2 bits keep plain rounding), exported the same way (`--no-compensation` leaves it out);
+  searched; 2 bits keep plain rounding; the Q4_0 rung's GPTQ runs on its symmetric grid), exported the same way
+  (`--no-compensation` leaves it out);
 * held-out perplexity: `llama-perplexity` on the held-out Wikipedia articles (`--chunks` x 512-token chunks,
   llama.cpp scores the second half of each chunk); decode speed: `llama-bench -p 0 -n N`;
 * true bits per weight of each file (linear weights, and every tensor) from its tensor types.
@@ -55,7 +57,9 @@ from quept_hf.packing.gguf import gguf_summary
 WORK = Path(__file__).resolve().parent / ".gguf-ladder"
 # llama.cpp's rung -> the QuEPT width exported for it; RUNG_TYPES: the GGUF type it takes where not the width's own
 RUNGS = {"Q2_K": 2, "Q3_K_M": 3, "Q4_0": 4, "Q4_1": 4, "Q5_1": 5, "Q6_K": 6, "Q8_0": 8}
-RUNG_TYPES = {"Q4_0": {4: "Q4_0"}}  # W4's asymmetric grid searched into symmetric Q4_0 blocks (export_gguf)
+RUNG_TYPES = {"Q4_0": {4: "Q4_0"}}  # the GGUF type of a rung that is not its width's own
+# rungs whose width is frozen onto the type's own grid (`freeze(zero_point=...)`), exported exactly
+RUNG_GRIDS = {"Q4_0": {4: "symmetric"}}
 QUICK_RUNGS = "Q2_K,Q4_1"
 
 
@@ -122,13 +126,24 @@ def quept_model(smol: common.SmolLM2, args) -> tuple[torch.nn.Module, Path]:
 
 def compensated(model, smol: common.SmolLM2, folder: Path, rungs: list[str], args) -> torch.nn.Module:
     """The calibration frozen with error compensation on its own calibration windows (skipped when cached)."""
-    if not args.fresh and all(quept_path(folder, rung, "-comp").is_file() for rung in rungs):
-        return model  # unused: every file exists
-    widths = sorted({RUNGS[rung] for rung in rungs})
+    widths = sorted({RUNGS[rung] for rung in rungs if rung not in RUNG_GRIDS})
+    if not widths or (not args.fresh and all(quept_path(folder, rung, "-comp").is_file() for rung in rungs)):
+        return model  # unused: every file exists, or every rung freezes on a grid of its own (`regridded`)
     start = time.process_time()
     texts = smol.calib_texts
     frozen = quept_hf.freeze(model, bits=widths, plans=[], error_compensation=texts, tokenizer=smol.tokenizer)
     print(f"QuEPT: frozen with error compensation in {time.process_time() - start:.0f} CPU-s", flush=True)
+    return frozen
+
+
+def regridded(model, rung: str, compensation: dict) -> torch.nn.Module:
+    """``model`` (elastic or frozen) for ``rung``: where the rung's type has a grid of its own (`RUNG_GRIDS`), the
+    elastic model's width frozen onto it (with ``compensation``: GPTQ on that grid), else ``model`` itself."""
+    if rung not in RUNG_GRIDS:
+        return model
+    start = time.process_time()
+    frozen = quept_hf.freeze(model, bits=[RUNGS[rung]], plans=[], zero_point=RUNG_GRIDS[rung], **compensation)
+    print(f"QuEPT: {rung} rung frozen on {RUNG_GRIDS[rung]} in {time.process_time() - start:.0f} CPU-s", flush=True)
     return frozen
 
 
@@ -194,16 +209,18 @@ def llama_quantized(tools: dict, f32: Path, rung: str, matrix: Path | None, args
 
 
 def quept_path(folder: Path, rung: str, suffix: str = "") -> Path:
-    """QuEPT's file for ``rung`` (named by width, and by type where the rung sets one)."""
+    """QuEPT's file for ``rung`` (named by width, by type where the rung sets one, and by the grid it froze on)."""
     types = "".join(f"-{t.lower()}" for t in RUNG_TYPES.get(rung, {}).values())
-    return WORK / f"{folder.name}{suffix}-w{RUNGS[rung]}{types}.gguf"
+    grids = "".join(f"-{k}" for k in RUNG_GRIDS.get(rung, {}).values())
+    return WORK / f"{folder.name}{suffix}-w{RUNGS[rung]}{types}{grids}.gguf"
 
 
-def quept_file(model, folder: Path, rung: str, args, suffix: str = "") -> Path:
+def quept_file(source, folder: Path, rung: str, args, suffix: str = "") -> Path:
+    """The QuEPT file of ``rung``; ``source()`` gives the model to export (only called when the file is made)."""
     out = quept_path(folder, rung, suffix)
     if args.fresh or not out.is_file():
         vocab = os.path.join(*assets.smollm2_gguf())  # the same tokenizer fields as llama.cpp's files
-        quept_hf.export(model, f"w{RUNGS[rung]}", out, format="gguf", tokenizer=vocab, overwrite=True,
+        quept_hf.export(source(), f"w{RUNGS[rung]}", out, format="gguf", tokenizer=vocab, overwrite=True,
                         weight_types=RUNG_TYPES.get(rung))  # fmt: skip
     return out
 
@@ -304,11 +321,14 @@ def main() -> None:
     if rungs:
         model, folder = quept_model(smol, args)
         for rung in rungs:
-            entries.append(Entry("QuEPT", rung, quept_file(model, folder, rung, args), RUNGS[rung]))
+            made = quept_file(lambda r=rung: regridded(model, r, {}), folder, rung, args)
+            entries.append(Entry("QuEPT", rung, made, RUNGS[rung]))
         if not args.no_compensation:
             frozen = compensated(model, smol, folder, rungs, args)
+            comp = {"error_compensation": smol.calib_texts, "tokenizer": smol.tokenizer}
             for rung in rungs:
-                entries.append(Entry("QuEPT+comp", rung, quept_file(frozen, folder, rung, args, "-comp"), RUNGS[rung]))
+                source = (lambda r=rung: regridded(model, r, comp)) if rung in RUNG_GRIDS else (lambda: frozen)
+                entries.append(Entry("QuEPT+comp", rung, quept_file(source, folder, rung, args, "-comp"), RUNGS[rung]))
         del model
     rows = [measure(e, tools, heldout, args) for e in tqdm(entries, desc="llama-perplexity + llama-bench")]
     common.write_results("gguf_ladder" + ("_quick" if args.quick else "") + args.tag, rows)

@@ -43,13 +43,14 @@ def parse_bits(text: str) -> list[int] | None:
 
 
 def parse_zero_point(text: str) -> str | dict[int, str]:
-    """``"float"`` -> every width; ``"4:float,5:float"`` -> those widths (`QuEPTConfig` checks the kinds)."""
+    """``"float"`` -> every width; ``"4:float,5:float"`` -> those widths (`QuEPTConfig` / `freeze` check the
+    kinds)."""
     if ":" not in text:
         return text
     try:
         return {int(b): kind for b, kind in (item.split(":") for item in text.split(","))}
     except ValueError as error:
-        allowed = "expected integer, float or BITS:KIND pairs like 4:float,5:float"
+        allowed = "expected integer, float, symmetric or BITS:KIND pairs like 4:float,5:float"
         raise CliError(f"--zero-point {text!r}: {allowed}") from error
 
 
@@ -183,6 +184,8 @@ def cmd_freeze(args: argparse.Namespace) -> None:
             compensation["error_compensation_bits"] = parse_bits(args.error_compensation_bits)
     elif args.error_compensation_bits:
         raise CliError("--error-compensation-bits needs --error-compensation FILE (the calibration text)")
+    if args.zero_point:
+        compensation["zero_point"] = parse_zero_point(args.zero_point)
     frozen = quept_hf.freeze(model, bits=parse_bits(args.bits), plans=plans, **compensation)
     with staged_folder(args.out) as staging:
         frozen.save_pretrained(staging)
@@ -262,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     freeze.add_argument(
         "--error-compensation-bits", metavar="BITS", default=None,
         help="the kept widths to compensate, e.g. 3 or 3,5 (default: every one from 3 bits)",
+    )  # fmt: skip
+    freeze.add_argument(
+        "--zero-point", metavar="KINDS", default=None,
+        help="freeze widths onto another grid kind, e.g. 4:symmetric (llama.cpp's Q4_0, exported exactly)",
     )  # fmt: skip
     freeze.add_argument("--out", required=True)
     freeze.set_defaults(func=cmd_freeze)

@@ -39,7 +39,7 @@ TOKEN_MERGE_MODES = ("mbtome", "none", "uniform", "separate")
 LOSSES = ("l1", "mse")
 CASCADE_TRAINING = ("joint", "owned")
 LR_SCALING = ("none", "step")
-ZERO_POINTS = ("integer", "float")
+ZERO_POINTS = ("integer", "float", "symmetric")
 DEFAULT_LR_SCALING = {"weight_only": "step", "weight_activation": "none"}
 MAX_LR = 1.0  # a larger Adam step moves a weight by more than its whole quantization range
 MAX_SEED = 2**32 - 1  # numpy's seed range; torch generators take it too
@@ -142,13 +142,17 @@ class QuEPTConfig(QuantizationConfigMixin):
         group_size: input columns per quantization group; ``-1`` means per output channel. An int applies
             to every bit-width; a mapping ``{bits: size}`` sets it per bit-width. Default: 128 for
             bits <= 3, per-channel above (as the QuEPT authors do).
-        zero_point: ``"integer"`` (the spec's grid ``s (c - z)`` with an integer ``z``; what integer kernels,
-            compressed-tensors and vLLM store) or ``"float"`` (``z`` real-valued, so the grid's minimum is exactly
-            the clipped group minimum: GGUF ``Q4_1`` / ``Q5_1``'s ``d q + m``, whose export then holds the
-            calibrated grid exactly). A string applies to every bit-width; ``{bits: kind}`` sets some (the rest
-            stay ``"integer"``), e.g. ``{4: "float", 5: "float"}`` for a GGUF ladder. Float widths export to
-            GGUF and the packed/frozen formats, not to compressed-tensors (refused), and decode without the
-            integer low-bit kernels.
+        zero_point: the grid ``s (c - z)``'s zero point per bit-width (`quept_hf.nn.functional.weight_qparams`):
+            ``"integer"`` (the spec's integer ``z``; what integer kernels, compressed-tensors and vLLM store),
+            ``"float"`` (``z`` real-valued, so the grid's minimum is exactly the clipped group minimum: GGUF
+            ``Q4_1`` / ``Q5_1``'s ``d q + m``, whose export then holds the calibrated grid exactly) or
+            ``"symmetric"`` (``z = 2^(b-1)``, or ``2^(b-1) - 1`` mirrored, with the group's larger clipped extreme on
+            the grid: GGUF ``Q4_0`` / ``Q5_0`` / ``Q8_0``'s ``d k``, exported exactly; fewer levels per range than
+            ``"integer"``, but half a bit less per weight in GGUF). A string applies to every bit-width;
+            ``{bits: kind}`` sets some (the rest stay ``"integer"``), e.g. ``{4: "float", 5: "float"}`` for a
+            GGUF ladder. Float widths export to GGUF and the packed/frozen formats, not to compressed-tensors
+            (refused), and decode without the integer low-bit kernels. `quept_hf.freeze` can re-grid a width
+            (``zero_point=``) without calibrating again.
         ranks: MB-CLoRA rank each group adds to the cascade, same order as ``bit_groups``.
         kv_bits: KV-cache bit-width (``None`` = off, an int, or ``"follow"`` the active bit-width): keys (after
             RoPE) and values quantized asymmetrically per (token, head), clipping 0.95 (`quept_hf.nn.kv_cache`).

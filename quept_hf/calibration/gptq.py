@@ -32,7 +32,7 @@ def compensated_weight_codes(
     upper_logit: torch.Tensor,
     lower_logit: torch.Tensor,
     group_size: int,
-    float_zero: bool = False,
+    zero_point: str = "integer",
     *,
     act_order: bool = True,
     damping: float = DAMPING,
@@ -53,15 +53,15 @@ def compensated_weight_codes(
     if hessian.shape != (in_features, in_features):
         raise ValueError(f"hessian has shape {tuple(hessian.shape)}; the layer needs ({in_features}, {in_features})")
     target = (weight if target is None else target).detach().float()
-    grids = [weight_qparams(weight, bits, upper_logit, lower_logit, group_size, float_zero)]  # plain rounding's
+    grids = [weight_qparams(weight, bits, upper_logit, lower_logit, group_size, zero_point)]  # plain rounding's
     if grid_search:
         full = torch.full_like(upper_logit, float("inf"))  # sigmoid(inf) = 1: the whole min/max range
-        grids.append(weight_qparams(target, bits, full, full, group_size, float_zero))
+        grids.append(weight_qparams(target, bits, full, full, group_size, zero_point))
     column_group = torch.arange(in_features) // group_width(in_features, group_size)
     col_scale = torch.cat([scale[:, column_group, 0] for scale, _ in grids]).float()  # (rows, in), rows stacked
     col_zero = torch.cat([zero[:, column_group, 0] for _, zero in grids]).float()
     stacked = target.repeat(len(grids), 1)  # one copy of the target per candidate grid
-    codes = _gptq(stacked, hessian, col_scale, col_zero, bits, float_zero, act_order, damping)
+    codes = _gptq(stacked, hessian, col_scale, col_zero, bits, zero_point == "float", act_order, damping)
     scale, zero = (torch.cat([g[i] for g in grids]).squeeze(-1) for i in (0, 1))
     if len(grids) > 1:
         error = stacked - col_scale * (codes - col_zero)

@@ -46,19 +46,31 @@ def weight_qparams(
     upper_logit: torch.Tensor,
     lower_logit: torch.Tensor,
     group_size: int,
-    float_zero: bool = False,
+    zero_point: str = "integer",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point of each (row, group), shape (out, groups, 1).
+    """Scale and zero point of each (row, group), shape (out, groups, 1), for the grid ``s (c - z)``.
 
-    The zero point is STE-rounded to an integer (the spec's grid, which integer kernels and compressed-tensors
-    store), or with ``float_zero`` kept as ``-xmin / s``: the grid's minimum is then exactly the clipped ``xmin``,
-    GGUF's ``Q4_1`` / ``Q5_1`` block ``d * q + m`` with a free ``m`` (`QuEPTConfig(zero_point="float")`).
+    ``zero_point`` (`QuEPTConfig.zero_point`'s kinds) says what ``z`` may be:
+
+    * ``"integer"``: ``-xmin / s`` STE-rounded to an integer (the spec's grid, which integer kernels and
+      compressed-tensors store);
+    * ``"float"``: ``-xmin / s`` as it is, so the grid's minimum is exactly the clipped ``xmin``: GGUF's ``Q4_1``
+      / ``Q5_1`` block ``d * q + m`` with a free ``m``;
+    * ``"symmetric"``: ``2^(b-1)``, or ``2^(b-1) - 1`` where the clipped maximum is the larger side, with
+      ``s = max(xmax, -xmin) / 2^(b-1)``: the levels ``s * k``, ``k`` in ``[-2^(b-1), 2^(b-1) - 1]`` (or mirrored),
+      with the group's larger extreme ON the grid. That is GGUF's ``Q4_0`` / ``Q5_0`` / ``Q8_0`` block ``d * k``
+      (``d = -s`` for the mirrored one), as llama.cpp's own quantizer picks it; no zero point to store or add.
     """
     grouped = _group_view(weight, group_size)
     xmax = torch.sigmoid(upper_logit).unsqueeze(-1) * grouped.amax(dim=-1, keepdim=True)
     xmin = torch.sigmoid(lower_logit).unsqueeze(-1) * grouped.amin(dim=-1, keepdim=True)
+    if zero_point == "symmetric":
+        half = 2 ** (bits - 1)
+        upper_wins = xmax > -xmin
+        scale = (torch.where(upper_wins, xmax, -xmin) / half).clamp(min=_EPS)
+        return scale, torch.where(upper_wins, half - 1.0, float(half)).detach()
     scale = ((xmax - xmin) / (2**bits - 1)).clamp(min=_EPS)
-    zero = -xmin / scale if float_zero else round_ste(-xmin / scale)
+    zero = -xmin / scale if zero_point == "float" else round_ste(-xmin / scale)
     return scale, zero
 
 
@@ -77,12 +89,12 @@ def quantize_weight_codes(
     upper_logit: torch.Tensor,
     lower_logit: torch.Tensor,
     group_size: int,
-    float_zero: bool = False,
+    zero_point: str = "integer",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Integer codes in [0, 2^bits - 1] (out, in), with the scale and zero point (out, groups)."""
-    scale, zero = weight_qparams(weight, bits, upper_logit, lower_logit, group_size, float_zero)
+    scale, zero = weight_qparams(weight, bits, upper_logit, lower_logit, group_size, zero_point)
     grouped = _group_view(weight, group_size)
-    codes = grid_codes(grouped / scale, zero, bits, float_zero)
+    codes = grid_codes(grouped / scale, zero, bits, zero_point == "float")
     codes = codes.reshape(weight.shape[0], -1)[:, : weight.shape[1]]
     return codes.to(torch.uint8), scale.squeeze(-1), zero.squeeze(-1)
 
@@ -93,13 +105,13 @@ def fake_quantize_weight(
     upper_logit: torch.Tensor,
     lower_logit: torch.Tensor,
     group_size: int,
-    float_zero: bool = False,
+    zero_point: str = "integer",
 ) -> torch.Tensor:
     """Q_b(W) = s * (clamp(round(W/s) + z, 0, 2^b - 1) - z) with learnable clipping (spec section 1);
-    ``float_zero``: a real-valued ``z`` (`weight_qparams`), rounded together with ``W/s``."""
-    scale, zero = weight_qparams(weight, bits, upper_logit, lower_logit, group_size, float_zero)
+    ``zero_point``: the grid's kind (`weight_qparams`; a real-valued ``z`` is rounded together with ``W/s``)."""
+    scale, zero = weight_qparams(weight, bits, upper_logit, lower_logit, group_size, zero_point)
     grouped = _group_view(weight, group_size)
-    codes = grid_codes(grouped / scale, zero, bits, float_zero, round_ste)
+    codes = grid_codes(grouped / scale, zero, bits, zero_point == "float", round_ste)
     dequant = scale * (codes - zero)
     return dequant.reshape(weight.shape[0], -1)[:, : weight.shape[1]]
 

@@ -81,8 +81,8 @@ class QuEPTLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits = sorted(bits)
         self.group_size = {int(b): int(group_size[b]) for b in self.bits}
-        # `QuEPTConfig.zero_point`: True where width b's zero point is real-valued (GGUF Q4_1/Q5_1's free minimum)
-        self.float_zero = {b: (zero_point or {}).get(b, "integer") == "float" for b in self.bits}
+        # `QuEPTConfig.zero_point`: each width's grid kind (`quept_hf.nn.functional.weight_qparams`)
+        self.zero_point = {b: (zero_point or {}).get(b, "integer") for b in self.bits}
         self.quantize_activations = quantize_activations
         if activation_granularity not in ACTIVATION_GRANULARITIES:
             raise ValueError(f"activation_granularity={activation_granularity!r}; allowed: {ACTIVATION_GRANULARITIES}")
@@ -173,11 +173,11 @@ class QuEPTLinear(nn.Module):
             return weight
         return fake_quantize_weight(weight, bits, *self.grid(bits))
 
-    def grid(self, bits: int) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+    def grid(self, bits: int) -> tuple[torch.Tensor, torch.Tensor, int, str]:
         """Width ``bits``'s grid arguments of `quept_hf.nn.functional`'s weight quantizers: clipping logits, group
-        size, float zero point (one place, so every caller quantizes as the layer does)."""
+        size, zero-point kind (one place, so every caller quantizes as the layer does)."""
         key = str(bits)
-        return self.clip_upper[key], self.clip_lower[key], self.group_size[bits], self.float_zero[bits]
+        return self.clip_upper[key], self.clip_lower[key], self.group_size[bits], self.zero_point[bits]
 
     def quantize_input(self, x: torch.Tensor, act_bits: int | None = None) -> torch.Tensor:
         """The layer's input as it enters the matmul at ``act_bits`` (default: the active activation width)."""
@@ -207,7 +207,7 @@ class QuEPTLinear(nn.Module):
         if torch.is_grad_enabled() and self._needs_grad(delta):
             self._cache = None
             return self.quantized_weight(delta() if delta is not None else None)
-        key = (self.active_bits, *_versions(self.weight), *self._clip_versions())
+        key = (self.active_bits, self.zero_point.get(self.active_bits), *_versions(self.weight), *self._clip_versions())
         key += delta.cache_key() if delta is not None else ()
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():

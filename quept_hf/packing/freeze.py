@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -27,7 +27,15 @@ from ..inspection import base_state_dict
 from ..nn.functional import quantize_weight_codes
 from .codec import pack
 from .frozen import FrozenLinear
-from .plan import QuantizedLinear, quantize_layers, refuse_offloaded, resolve_plan, stored_plans
+from .plan import (
+    QuantizedLinear,
+    check_regrid,
+    quantize_layers,
+    refuse_offloaded,
+    regridded,
+    resolve_plan,
+    stored_plans,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +86,10 @@ def _check_plans(plans: Iterable[str], available: dict, config: QuEPTConfig) -> 
 
 def frozen_config(
     config: QuEPTConfig, uniform: list[int], plan_maps: dict[str, dict[str, int]], kept: dict[str, list[int]],
-    per_tensor: list[str],
+    per_tensor: list[str], regrid: dict[int, str] | None = None,
 ) -> QuEPTConfig:  # fmt: skip
-    """The elastic config narrowed to the kept widths and plans, with the ``frozen`` description added."""
+    """The elastic config narrowed to the kept widths and plans, with the ``frozen`` description added;
+    ``regrid``: the widths frozen onto another grid kind (`freeze`'s ``zero_point``)."""
     data = config.to_dict()
     data.pop("quant_method", None)
     used = sorted({b for widths in kept.values() for b in widths})
@@ -89,7 +98,7 @@ def frozen_config(
         bit_groups=[used],
         default_bits=config.default_bits if config.default_bits in uniform else max(uniform),
         group_size={b: config.group_size[b] for b in used},
-        zero_point={b: config.zero_point[b] for b in used},
+        zero_point={b: (regrid or {}).get(b, config.zero_point[b]) for b in used},
         ranks=[config.ranks[0]],
         merge_weights=[1.0],
         frozen={"format": FROZEN_FORMAT, "version": FROZEN_VERSION, "bits": kept, "per_tensor_activations": per_tensor},
@@ -162,6 +171,7 @@ def freeze(
     error_compensation: Any = None,
     tokenizer: Any = None,
     error_compensation_bits: Iterable[int] | None = None,
+    zero_point: str | Mapping[int, str] | None = None,
 ) -> nn.Module:
     """The frozen elastic model of ``model`` (left unchanged): codes of every kept width, no float master.
 
@@ -184,6 +194,10 @@ def freeze(
             the others keep plain rounding, i.e. the elastic model's codes. Compensation re-rounds each layer
             towards its float outputs, which can undo what a width's own MB-CLoRA slice learned for the block
             (docs/RESULTS.md, "W4 in a bit group of its own": W4 worse with it, W3 better).
+        zero_point: freeze some kept widths onto another grid kind than they were calibrated on (`QuEPTConfig`'s
+            ``zero_point`` kinds): ``{4: "symmetric"}`` puts W4's calibrated clipping of ``W + ΔW_4`` on
+            llama.cpp's ``Q4_0`` grid, whose GGUF export is then exact (with ``error_compensation`` GPTQ picks the
+            codes on that grid). ``None`` (default): the calibrated grids.
 
     Returns a transformers model of the same class whose quantized linears are `FrozenLinear`: it answers
     ``set_adapter("w3")`` / ``set_adapter("mixed-3.25")``, `quept_hf.set_bits` and `quept_hf.get_bits`, saves with
@@ -196,18 +210,21 @@ def freeze(
     _check_head_bits(head_bits)
     refuse_offloaded(model, "freeze")
     uniform, plan_maps, kept = kept_widths(model, bits, plans)
+    regrid = check_regrid(zero_point, sorted({b for w in kept.values() for b in w}))
     by_width: dict[str, dict[int, QuantizedLinear]] = {module: {} for module in kept}
-    for b, hessians in _hessians_by_width(model, config, kept, error_compensation, tokenizer, error_compensation_bits):
-        planned = {m: b for m, w in kept.items() if b in w and (hessians is None or m in hessians)}
-        for module, q in quantize_layers(model, planned, hessians).items():
-            by_width[module][b] = q
+    compensation = (error_compensation, tokenizer, error_compensation_bits)
+    with regridded(model, regrid):
+        for b, hessians in _hessians_by_width(model, config, kept, *compensation):
+            planned = {m: b for m, w in kept.items() if b in w and (hessians is None or m in hessians)}
+            for module, q in quantize_layers(model, planned, hessians).items():
+                by_width[module][b] = q
     prefixes = tuple(name + "." for name in kept)
     state = {k: v for k, v in base_state_dict(base).items() if not k.startswith(prefixes)}
     for module, widths in by_width.items():
         state.update(_frozen_tensors(module, widths))
     per_tensor = sorted(m for m, widths in by_width.items() if any(q.act_log_step is not None for q in widths.values()))
     hf_config = type(base.config).from_dict(base.config.to_dict())
-    description = frozen_config(config, uniform, plan_maps, kept, per_tensor)
+    description = frozen_config(config, uniform, plan_maps, kept, per_tensor, regrid)
     if head_bits is not None:
         head, head_state = _head_tensors(base, head_bits)
         state = {k: v for k, v in state.items() if not k.startswith(head + ".")} | head_state

@@ -15,7 +15,9 @@ llama.cpp's ``convert_hf_to_gguf.py`` for LLaMA (``conversion/llama.py``, ``conv
   ``_set_vocab_gpt2`` + ``gguf.SpecialVocab`` do.
 
 Tensor types (`gguf_type`): W4 -> Q4_1 and W5 -> Q5_1, exact up to fp16 of ``d``/``m`` where every 32-block
-lies in one QuEPT group (`quept_hf.packing.gguf_blocks`); W8 and W7 -> Q8_0; W2 -> Q2_K, W3 -> Q3_K, W6 -> Q6_K
+lies in one QuEPT group (`quept_hf.packing.gguf_blocks`); a width calibrated or frozen with
+``zero_point="symmetric"`` -> Q4_0 / Q5_0 / Q8_0, exact up to fp16 of ``d`` and half a bit per weight smaller;
+W8 and W7 -> Q8_0; W2 -> Q2_K, W3 -> Q3_K, W6 -> Q6_K
 where rows are multiples of 256, else llama-quantize's fallback (``tensor_type_fallback`` in
 ``src/llama-quant.cpp``: Q2_K/Q3_K -> Q4_0, Q6_K -> Q8_0; F16 when even 32 does not divide the row). Every
 non-exact type is searched against QuEPT's DEQUANTIZED weight, with QuEPT's own scale as a candidate (W2/W3 in
@@ -70,6 +72,7 @@ PERMUTED = {gguf.MODEL_ARCH.LLAMA}  # convert_hf_to_gguf's LlamaModel.undo_permu
 BIT_TYPES = {2: "Q2_K", 3: "Q3_K", 4: "Q4_1", 5: "Q5_1", 6: "Q6_K", 7: "Q8_0", 8: "Q8_0"}
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q6_K": "Q8_0"}  # llama-quant.cpp tensor_type_fallback
 EXACT = {"Q4_1": 4, "Q5_1": 5}
+SYMMETRIC_TYPES = {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}  # a `zero_point="symmetric"` width's grid, held exactly
 EMBEDDING_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
 LINEAR_TYPES = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q6_K", "Q8_0")  # what `_encode_linear` writes
 GridOf = Callable[[str], QuantizedLinear]  # a quantized linear's grid, computed when the file reaches it
@@ -397,6 +400,13 @@ def _check_args(
     return ARCHITECTURES[arch]
 
 
+def _weight_types(model: nn.Module, weight_types: Mapping[int, str] | None) -> dict[int, str]:
+    """The caller's ``{bits: type}`` over the model's own: a symmetric width takes its exact symmetric type."""
+    kinds = quept_config(model).zero_point
+    own = {b: SYMMETRIC_TYPES[b] for b, kind in kinds.items() if kind == "symmetric" and b in SYMMETRIC_TYPES}
+    return own | dict(weight_types or {})
+
+
 def _target(path: str | os.PathLike, base: nn.Module, plan_name: str, overwrite: bool) -> Path:
     """``path`` itself when it names a ``.gguf`` file, else ``path/<model>-<plan>.gguf``."""
     target = Path(os.fspath(path))
@@ -514,9 +524,11 @@ def export_gguf(
             mixed plan every tensor takes the type of its own width.
         path: a ``.gguf`` file, or a folder (the file is then ``<model>-<plan>.gguf`` inside it).
         embedding_type: GGML type of the token embedding (and an untied, unquantized lm_head).
-        weight_types: ``{bits: GGML type}`` over `BIT_TYPES` for the linears of that width, e.g. ``{4: "Q4_0"}``
-            (llama.cpp's Q4_0 rung: QuEPT's asymmetric W4 grid does not fit its symmetric blocks, so each block's
-            scale is searched against QuEPT's dequantized weight, like every non-exact type).
+        weight_types: ``{bits: GGML type}`` over `BIT_TYPES` (and `SYMMETRIC_TYPES` for a symmetric width) for the
+            linears of that width, e.g. ``{4: "Q4_0"}``: llama.cpp's Q4_0 rung. An asymmetric W4 grid does not fit
+            its symmetric blocks, so each block's scale is searched against QuEPT's dequantized weight, like every
+            non-exact type; for an exact Q4_0 file, freeze the width onto the symmetric grid first
+            (``quept_hf.freeze(model, zero_point={4: "symmetric"}, error_compensation=texts, tokenizer=tok)``).
         tokenizer: a Hugging Face tokenizer or a ``.gguf`` file to copy ``tokenizer.*`` fields from; default:
             SmolLM2's source GGUF, or the tokenizer of the model's source folder.
         overwrite: replace an existing file.
@@ -524,7 +536,7 @@ def export_gguf(
     arch = _check_args(model, bits_or_plan, embedding_type, weight_types)
     base = unwrap(model)
     plan_name, plan, shapes, grid_of = _plan(model, bits_or_plan)
-    entries = _entries(base, plan, shapes, arch, embedding_type, weight_types)
+    entries = _entries(base, plan, shapes, arch, embedding_type, _weight_types(model, weight_types))
     target = _target(path, base, plan_name, overwrite)
     staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:

@@ -115,15 +115,17 @@ def _absmax_candidates(y: np.ndarray, low: int, high: int, steps: int = 12) -> n
 def quantize_symmetric(qtype: str, y: np.ndarray, quept_scale: np.ndarray | None) -> np.ndarray:
     """``Q4_0`` / ``Q5_0`` / ``Q8_0`` blocks of ``y`` (QuEPT's dequantized weight), searched scale per block.
 
-    ``quept_scale`` (``(n,)``, the QuEPT scale of each block or None) is a candidate: with it the block is
-    exact (up to fp16 of ``d``) whenever ``c - z`` fits the type's integers ([-8, 7], [-16, 15], [-128, 127]).
+    ``quept_scale`` (``(n,)``, the QuEPT scale of each block or None) is a candidate: with it (or its mirror
+    ``-s``) the block is exact (up to fp16 of ``d``) whenever ``c - z`` fits the type's integers ([-8, 7],
+    [-16, 15], [-128, 127]): always for a ``zero_point="symmetric"`` grid, often for W2/W3.
     """
     low, high = SYMMETRIC[qtype]
     d = np.zeros(y.shape[0], dtype=np.float32)
     todo = np.ones(y.shape[0], dtype=bool)
-    if quept_scale is not None:  # blocks whose c - z fit take d = s at once (most of them; the search is slow)
-        todo = ~_fits(y, _f16(quept_scale), low, high)
-        d[~todo] = _f16(quept_scale[~todo])
+    if quept_scale is not None:  # blocks whose c - z fit take d = s (or the mirrored -s) at once; the search is slow
+        for own in (_f16(quept_scale), _f16(-quept_scale)):
+            fit = todo & _fits(y, own, low, high)
+            d[fit], todo = own[fit], todo & ~fit
     if todo.any():
         rest = y[todo]
         candidates = _absmax_candidates(rest, low, high)

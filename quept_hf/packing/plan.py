@@ -6,8 +6,9 @@ Every storage format (`quept_hf.packing.export`'s packed folder, `freeze`, GGUF,
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -15,13 +16,16 @@ from torch import nn
 
 from ..calibration.gptq import compensated_weight_codes
 from ..compat import unwrap
-from ..config import MAX_BITS, MIN_BITS, QuEPTConfig, quept_config
+from ..config import MAX_BITS, MIN_BITS, ZERO_POINTS, QuEPTConfig, quept_config
 from ..inspection import elastic_adapter, quept_linears
 from ..mbclora.layer import MBCLoRALayer
 from ..naming import FLOAT_BITS, bits_of_adapter_name
 from ..nn import QuEPTLinear, quantize_weight_codes
 
-__all__ = ["BitsOrPlan", "QuantizedLinear", "check_target", "quantize_layers", "resolve_plan", "stored_plans"]
+__all__ = [
+    "BitsOrPlan", "QuantizedLinear", "check_regrid", "check_target", "quantize_layers", "regridded", "resolve_plan",
+    "stored_plans",
+]  # fmt: skip
 
 BitsOrPlan = int | str | Mapping[str, int]
 
@@ -137,6 +141,37 @@ def quantize_layers(
         name: _quantize(layers[name], adapters.get(id(layers[name])), bits, hessians.get(name))
         for name, bits in plan.items()
     }
+
+
+def check_regrid(zero_point: object, widths: list[int], what: str = "freeze") -> dict[int, str]:
+    """``{bits: kind}`` of a ``zero_point=`` argument (a kind for every width, or ``{bits: kind}`` for some of
+    ``widths``), checked against `quept_hf.config.ZERO_POINTS`; ``None`` gives ``{}`` (the calibrated grids)."""
+    if zero_point is None:
+        return {}
+    kinds = dict.fromkeys(widths, zero_point) if isinstance(zero_point, str) else zero_point
+    if not isinstance(kinds, Mapping) or any(b not in widths or k not in ZERO_POINTS for b, k in kinds.items()):
+        raise ValueError(
+            f"{what}: zero_point={zero_point!r}; allowed: None, one of {ZERO_POINTS}, or {{bits: kind}} for kept "
+            f"bit-widths {widths}, e.g. {{4: 'symmetric'}}"
+        )
+    return dict(kinds)
+
+
+@contextlib.contextmanager
+def regridded(model: nn.Module, kinds: Mapping[int, str]) -> Iterator[None]:
+    """Within the block, width ``b``'s grid is ``kinds[b]`` (`QuEPTConfig.zero_point`'s kinds) on every quantized
+    linear: the calibrated clipping of ``W + ΔW_b`` put on another grid, e.g. a float-zero W4 on llama.cpp's
+    symmetric ``Q4_0`` blocks. Everything run inside (the fake-quant forward, the input Hessians, the codes)
+    sees that grid; the model's own kinds come back afterwards."""
+    layers = list(quept_linears(unwrap(model)).values()) if kinds else []
+    saved = [dict(layer.zero_point) for layer in layers]
+    try:
+        for layer in layers:
+            layer.zero_point.update({b: k for b, k in kinds.items() if b in layer.zero_point})
+        yield
+    finally:
+        for layer, kinds_before in zip(layers, saved, strict=True):
+            layer.zero_point = kinds_before
 
 
 GRID_SEARCH = True  # compensated rows may take the float weight's min/max grid (calibration/gptq.py)

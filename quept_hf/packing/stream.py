@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -47,7 +47,7 @@ from .freeze import (
     frozen_config,
     kept_widths,
 )
-from .plan import QuantizedLinear, quantize_layers
+from .plan import QuantizedLinear, check_regrid, quantize_layers, regridded
 
 logger = logging.getLogger(__name__)
 
@@ -116,12 +116,13 @@ def save_frozen(
     error_compensation: Any = None,
     tokenizer: Any = None,
     error_compensation_bits: Iterable[int] | None = None,
+    zero_point: str | Mapping[int, str] | None = None,
 ) -> str:
     """Write the frozen checkpoint of ``model`` to ``save_directory`` one block at a time; returns the folder.
 
     Same arguments and result as ``quept_hf.freeze(model, bits, plans, head_bits=..., error_compensation=...,
-    tokenizer=..., error_compensation_bits=...).save_pretrained(folder)``, at a peak memory of one block: for
-    models dispatched by accelerate with their weights offloaded (any model works). Load the result with
+    tokenizer=..., error_compensation_bits=..., zero_point=...).save_pretrained(folder)``, at a peak memory of one
+    block: for models dispatched by accelerate with their weights offloaded (any model works). Load the result with
     ``from_pretrained(folder)``. The folder is written in a staging folder next to it and swapped in at the end:
     it holds the old checkpoint or the new one, never a part of it. With ``error_compensation`` the input
     Hessians come from forward passes of the dispatched model (accelerate loads each block in turn; one pass per
@@ -132,8 +133,9 @@ def save_frozen(
     config = base.config.quantization_config
     _check_head_bits(head_bits)
     uniform, plan_maps, kept = kept_widths(model, bits, plans)
+    regrid = check_regrid(zero_point, sorted({b for w in kept.values() for b in w}), "save_frozen")
     per_tensor = _per_tensor(base, kept)
-    description = frozen_config(config, uniform, plan_maps, kept, per_tensor)
+    description = frozen_config(config, uniform, plan_maps, kept, per_tensor, regrid)
     hf_config = type(base.config).from_dict(base.config.to_dict())
     if head_bits is not None:
         head_name = next(n for n, m in base.named_modules() if m is base.get_output_embeddings())
@@ -141,7 +143,7 @@ def save_frozen(
         hf_config.tie_word_embeddings = False
     metadata = format_record(types.SimpleNamespace(config=types.SimpleNamespace(quantization_config=description)))
     folder = os.fspath(save_directory)
-    with staged_folder(folder) as staging:
+    with staged_folder(folder) as staging, regridded(model, regrid):
         compensated = _compensated_codes(model, kept, error_compensation, tokenizer, error_compensation_bits, staging)
         _write_tensors(model, staging, kept, metadata, head_bits, compensated)
         compensated.discard()
