@@ -498,6 +498,7 @@ def _card_context(
         "cascade": "on" if config.cascade else "off",
         "group_size": ", ".join(f"{b} bits: {'per channel' if s == -1 else s}" for b, s in config.group_size.items()),
         "float_zero": ", ".join(f"{b} bits" for b, z in config.zero_point.items() if z == "float"),
+        "symmetric_zero": ", ".join(f"{b} bits" for b, z in config.zero_point.items() if z == "symmetric"),
         "rotation": _on_off(metadata["rotation"]),
         "smoothing": _on_off(metadata["smoothing"]),
         "kv_bits": "off" if config.kv_bits is None else config.kv_bits,

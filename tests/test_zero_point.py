@@ -301,3 +301,11 @@ def test_freeze_regrids_a_width_and_leaves_the_model_as_it_was(floating, tmp_pat
 def test_freeze_refuses_a_bad_zero_point_by_name(floating, zero_point):
     with pytest.raises(ValueError, match=r"freeze: zero_point=.*allowed.*symmetric"):
         quept_hf.freeze(floating, bits=[4], plans=[], zero_point=zero_point)
+
+
+def test_model_card_names_the_symmetric_widths(symmetric):
+    from quept_hf.hub import model_card
+
+    card = model_card(symmetric, "me/tiny", lookup_hub=False)
+    assert "Symmetric grids (GGUF\n  Q4_0/Q5_0/Q8_0's `d k`) at 4 bits, 8 bits." in card.text
+    assert card.data.to_dict()["quept"]["zero_point"]["4"] == "symmetric"
