@@ -271,3 +271,26 @@ def test_cli_freeze_with_error_compensation(elastic, tiny_llama_dir, tmp_path):
                      "3"]) == 0  # fmt: skip
     for name, layer in frozen_linears(AutoModelForCausalLM.from_pretrained(tmp_path / "only")).items():
         assert torch.equal(layer.qweight["3"], frozen_linears(expected)[name].qweight["3"])
+
+
+@pytest.mark.parametrize("zero_point", ["float", "integer"])
+def test_grid_search_holds_a_weight_already_on_a_coarser_grid(zero_point):
+    """A 4-bit Q4_1-style weight frozen at 5 bits: the search's nested grid (the 4-bit step in 5-bit codes)
+    reproduces it exactly, which neither the 5-bit min/max grid nor plain GPTQ on it does."""
+    from quept_hf.packing.working import dequantize_codes
+
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, (8, 4, 32), generator=gen).float()
+    codes[..., 0], codes[..., 1] = 0, 15  # both ends present: the group's min/max is the 4-bit grid's
+    d = 0.01 + 0.05 * torch.rand(8, 4, 1, generator=gen)
+    weight = (d * codes - d * 15 * torch.rand(8, 4, 1, generator=gen)).reshape(8, 128)
+    if zero_point == "integer":  # an integer zero point holds only blocks whose minimum is a multiple of the step
+        weight = weight - weight.reshape(8, 4, 32).amin(-1).repeat_interleave(32, dim=1)
+    x = torch.randn(256, 128, generator=gen)
+    hessian = 2 * x.T @ x / 256
+    logit = torch.full((8, 4), float("inf"))  # sigmoid(inf) = 1: the whole min/max range
+    codes, scales, zeros = compensated_weight_codes(weight, hessian, 5, logit, logit, 32, zero_point, grid_search=True)
+    exact = dequantize_codes(codes, scales, zeros, 32)
+    assert torch.allclose(exact, weight, atol=1e-6)
+    codes, scales, zeros = compensated_weight_codes(weight, hessian, 5, logit, logit, 32, zero_point)
+    assert (dequantize_codes(codes, scales, zeros, 32) - weight).abs().max() > 1e-3

@@ -47,7 +47,10 @@ def compensated_weight_codes(
     take): e.g. the float weight, for a grid learned on ``W + ΔW``.
     ``grid_search``: also run GPTQ on the min/max grid of ``target`` and keep, ROW by row, the grid whose codes
     reproduce the row's outputs better (``e H e^T``, exact per row: GPTQ treats rows independently). Scales and
-    zero points stay one pair per (row, group), so the format is unchanged.
+    zero points stay one pair per (row, group), so the format is unchanged. For an asymmetric grid the search
+    also tries the min/max grid at the step of ``bits - 1`` (`nested_grid`): a weight that already lies on a
+    ``bits - 1`` grid (a model distributed quantized, e.g. SmolLM2 from a Q4_1 GGUF) is held by it EXACTLY, where
+    the finer ``bits`` grid of the same range re-rounds every weight; for other weights it loses and is not kept.
     """
     out_features, in_features = weight.shape
     if hessian.shape != (in_features, in_features):
@@ -57,6 +60,8 @@ def compensated_weight_codes(
     if grid_search:
         full = torch.full_like(upper_logit, float("inf"))  # sigmoid(inf) = 1: the whole min/max range
         grids.append(weight_qparams(target, bits, full, full, group_size, zero_point))
+        if bits > 2 and zero_point != "symmetric":  # a symmetric grid's zero point is fixed by ``bits``
+            grids.append(nested_grid(target, bits, full, group_size, zero_point))
     column_group = torch.arange(in_features) // group_width(in_features, group_size)
     col_scale = torch.cat([scale[:, column_group, 0] for scale, _ in grids]).float()  # (rows, in), rows stacked
     col_zero = torch.cat([zero[:, column_group, 0] for _, zero in grids]).float()
@@ -69,6 +74,14 @@ def compensated_weight_codes(
         rows = torch.arange(out_features) + out_features * row_error.argmin(dim=0)  # each row's better grid
         codes, scale, zero = codes[rows], scale[rows], zero[rows]
     return codes.to(torch.uint8), scale, zero
+
+
+def nested_grid(
+    target: torch.Tensor, bits: int, full: torch.Tensor, group_size: int, zero_point: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The min/max grid of ``bits - 1`` (its scale and zero point) for ``bits``-wide codes: the lower half of
+    the codes spans the group's range on the coarser grid."""
+    return weight_qparams(target, bits - 1, full, full, group_size, zero_point)
 
 
 def _gptq(
