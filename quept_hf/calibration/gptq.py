@@ -16,11 +16,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn.functional import grid_codes, group_width, weight_qparams
+from ..nn.functional import _group_view, fake_quantize_weight, grid_codes, group_width, weight_qparams
 
 __all__ = ["InputHessians", "compensated_weight_codes"]
 
 DAMPING = 0.01  # of the mean Hessian diagonal, added to it: GPTQ's default, keeps the Cholesky factor stable
+SHRINK = torch.linspace(1.0, 0.75, 11).tolist()  # clipping factors `searched_clipping` tries (both ends)
 BLOCK_COLUMNS = 128  # columns updated together (lazy batch updates); the result does not depend on it
 
 
@@ -45,9 +46,10 @@ def compensated_weight_codes(
     largest Hessian diagonal first (GPTQ's "act-order": the error then lands on the columns that matter least).
     ``target``: the weight whose outputs the codes should reproduce, when it is not ``weight`` (whose grid they
     take): e.g. the float weight, for a grid learned on ``W + ΔW``.
-    ``grid_search``: also run GPTQ on the min/max grid of ``target`` and keep, ROW by row, the grid whose codes
-    reproduce the row's outputs better (``e H e^T``, exact per row: GPTQ treats rows independently). Scales and
-    zero points stay one pair per (row, group), so the format is unchanged. For an asymmetric grid the search
+    ``grid_search``: also run GPTQ on the min/max grid of ``target`` and on its importance-searched clipping
+    (`searched_clipping`), and keep, ROW by row, the grid whose codes reproduce the row's outputs best
+    (``e H e^T``, exact per row: GPTQ treats rows independently). Scales and zero points stay one pair per
+    (row, group), so the format is unchanged. For an asymmetric grid the search
     also tries the min/max grid at the step of ``bits - 1`` (`nested_grid`): a weight that already lies on a
     ``bits - 1`` grid (a model distributed quantized, e.g. SmolLM2 from a Q4_1 GGUF) is held by it EXACTLY, where
     the finer ``bits`` grid of the same range re-rounds every weight; for other weights it loses and is not kept.
@@ -60,6 +62,8 @@ def compensated_weight_codes(
     if grid_search:
         full = torch.full_like(upper_logit, float("inf"))  # sigmoid(inf) = 1: the whole min/max range
         grids.append(weight_qparams(target, bits, full, full, group_size, zero_point))
+        searched = searched_clipping(target, hessian, bits, group_size, zero_point)
+        grids.append(weight_qparams(target, bits, searched, searched, group_size, zero_point))
         if bits > 2 and zero_point != "symmetric":  # a symmetric grid's zero point is fixed by ``bits``
             grids.append(nested_grid(target, bits, full, group_size, zero_point))
     column_group = torch.arange(in_features) // group_width(in_features, group_size)
@@ -74,6 +78,28 @@ def compensated_weight_codes(
         rows = torch.arange(out_features) + out_features * row_error.argmin(dim=0)  # each row's better grid
         codes, scale, zero = codes[rows], scale[rows], zero[rows]
     return codes.to(torch.uint8), scale, zero
+
+
+def searched_clipping(
+    target: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, zero_point: str
+) -> torch.Tensor:
+    """Clipping logits (out, groups) of ``target``: per group, the factor of `SHRINK` (both ends) whose plain
+    rounding has the smallest importance-weighted error ``sum diag(H) (w - Q(w))^2``: llama.cpp's importance-matrix
+    scale search (its imatrix IS the mean squared input of each column, the Hessian's diagonal), per QuEPT group.
+    A scale that spares the heavy columns is one GPTQ's fixed grid cannot find by itself."""
+    importance = _group_view(torch.diag(hessian).float().unsqueeze(0), group_size)
+    groups = importance.shape[1]
+    best_error = torch.full((target.shape[0], groups), float("inf"))
+    best = torch.full((target.shape[0], groups), float("inf"))
+    for factor in SHRINK:
+        logit = torch.full_like(best, float("inf") if factor >= 1 else float(torch.logit(torch.tensor(factor))))
+        error = _group_view(
+            target - fake_quantize_weight(target, bits, logit, logit, group_size, zero_point), group_size
+        )
+        weighted = (error**2 * importance).sum(dim=-1)
+        better = weighted < best_error
+        best_error, best = torch.where(better, weighted, best_error), torch.where(better, logit, best)
+    return best
 
 
 def nested_grid(
