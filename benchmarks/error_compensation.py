@@ -11,8 +11,9 @@ For each bit-width, held-out perplexity on Wikipedia articles not used for calib
                 rounding, `quept_hf.packing.freeze.COMPENSATED_MIN_BITS`);
   quept         the calibrated elastic model (MB-CLoRA deltas + per-bit clipping, rounding to nearest);
   quept+gptq    the same model frozen with error compensation, GPTQ on its calibrated grid only;
-  quept+search  the default compensated freeze: each row keeps the calibrated grid or the float weight's min/max
-                grid, whichever GPTQ reproduces the row's outputs better with (`quept_hf.packing.plan.GRID_SEARCH`).
+  quept+search  the default compensated freeze: each row keeps the calibrated grid, the float weight's min/max
+                grid, its importance-searched clipping or the min/max grid at the step of one bit less, whichever
+                GPTQ reproduces the row's outputs best with (`quept_hf.packing.plan.GRID_SEARCH`).
 The same calibration windows (the calibrated model's ``num_samples`` x ``seq_len`` draws) feed GPTQ, and each
 row reports the CPU seconds of freezing. Writes benchmarks/results/error_compensation.csv (and .png).
 """

@@ -174,7 +174,7 @@ def regridded(model: nn.Module, kinds: Mapping[int, str]) -> Iterator[None]:
             layer.zero_point = kinds_before
 
 
-GRID_SEARCH = True  # compensated rows may take the float weight's min/max grid (calibration/gptq.py)
+GRID_SEARCH = True  # compensated rows may take a grid of the float weight (calibration/gptq.py's search)
 
 
 def _quantize(
