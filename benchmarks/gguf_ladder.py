@@ -1,7 +1,7 @@
 """The GGUF ladder of SmolLM2-135M under llama.cpp's own evaluation: llama.cpp's quantizer (with and without an
 importance matrix) against ONE QuEPT calibration exported at every width.
 
-    python benchmarks/gguf_ladder.py            # 7 rungs; QuEPT 16 x 256 tokens, 1 epoch (cached); ~30+25 min
+    python benchmarks/gguf_ladder.py            # 7 rungs; QuEPT 16 x 256 tokens, 1 epoch, smoothing off (cached)
     python benchmarks/gguf_ladder.py --quick    # Q2_K and Q4_1 rungs, QuEPT 4 x 128 tokens, 4 chunks: minutes
 
 Every number comes from llama.cpp's own tools, built once from the vendored sources (`_llama_tools.py`):
@@ -77,8 +77,9 @@ def parse_args():
     parser.add_argument("--jobs", type=int, default=2, help="compile jobs if llama.cpp's tools must be built")
     parser.add_argument("--fresh", action="store_true", help="redo the GGUF files (the calibration stays cached)")
     parser.add_argument("--no-compensation", action="store_true", help="leave the QuEPT+comp files out")
-    parser.add_argument("--smoothing", default=None, choices=["on", "off"], help="QuEPT's smoothing (default: "
-                        "QuEPTConfig's, on for weight-only; off keeps SmolLM2's own Q4_1 grid reachable)")  # fmt: skip
+    parser.add_argument("--smoothing", default="off", choices=["on", "off"], help="QuEPT's smoothing (default "
+                        "off: it keeps SmolLM2's own Q4_1 grid reachable, and won Q4_0/Q4_1/Q5_1 in docs/RESULTS.md; "
+                        "on is QuEPTConfig's weight-only default)")  # fmt: skip
     parser.add_argument("--zero-point", default="4:float,5:float", help="QuEPT's zero point per width: 'integer', "
                         "'float' or BITS:KIND comma-separated (default: float at 4 and 5 bits, Q4_1/Q5_1's free "
                         "minimum, so those rungs hold the calibrated grid exactly)")  # fmt: skip
