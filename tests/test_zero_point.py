@@ -24,7 +24,7 @@ from quept_hf.packing.interop import export_compressed_tensors
 from quept_hf.packing.kernels import kernel_support, prepare_kernel
 from quept_hf.packing.plan import regridded
 from quept_hf.packing.working import dequantize_codes
-from tests.test_gguf import fp16_error, gguf_name, per_element, quept_weights, tensors, unpermute
+from tests.test_gguf import assert_engine_agrees, fp16_error, gguf_name, per_element, quept_weights, tensors, unpermute
 from tests.test_packing_export import elastic_model, ids, logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -265,6 +265,7 @@ def _linear_names(model) -> list[str]:
 def test_gguf_export_of_a_symmetric_width_is_its_exact_symmetric_type(symmetric, tmp_path, bits, qtype):
     path = export_gguf(symmetric, bits, tmp_path / f"w{bits}.gguf")
     assert_exact_symmetric_file(symmetric, path, bits, qtype)
+    assert_engine_agrees(symmetric, bits, path, ids(seed=bits)[0].tolist())  # llama.cpp runs it (when installed)
     if bits == 4:  # Q4_0 is half a bit per weight below the Q4_1 an asymmetric W4 takes
         asymmetric = export_gguf(symmetric, 4, tmp_path / "w4-q4_1.gguf", weight_types={4: "Q4_1"})
         assert os.path.getsize(path) < os.path.getsize(asymmetric)
@@ -290,6 +291,7 @@ def test_freeze_regrids_a_width_and_leaves_the_model_as_it_was(floating, tmp_pat
         assert set(layer.zeros["4"].unique().tolist()) <= {7.0, 8.0}
     path = export_gguf(frozen, 4, tmp_path / "w4.gguf")
     assert {t for _, t in tensors(path).values() if t.startswith("Q")} <= {"Q4_0", "Q8_0"}
+    assert_engine_agrees(frozen, 4, path, data[0].tolist())
     streamed = quept_hf.packing.stream.save_frozen(floating, tmp_path / "streamed", bits=[4], plans=[],
                                                    zero_point={4: "symmetric"})  # fmt: skip
     again = AutoModelForCausalLM.from_pretrained(streamed).eval()
