@@ -193,7 +193,8 @@ def freeze(
         error_compensation_bits: the kept widths to compensate (default: every one from `COMPENSATED_MIN_BITS`);
             the others keep plain rounding, i.e. the elastic model's codes. Compensation re-rounds each layer
             towards its float outputs, which can undo what a width's own MB-CLoRA slice learned for the block
-            (docs/RESULTS.md, "W4 in a bit group of its own": W4 worse with it, W3 better).
+            (docs/RESULTS.md, "W4 in a bit group of its own": W4 worse with it, W3 better, before the grid search
+            had the importance-searched clipping; with it both gained: "The importance-searched grid ...").
         zero_point: freeze some kept widths onto another grid kind than they were calibrated on (`QuEPTConfig`'s
             ``zero_point`` kinds): ``{4: "symmetric"}`` puts W4's calibrated clipping of ``W + ΔW_4`` on
             llama.cpp's ``Q4_0`` grid, whose GGUF export is then exact (with ``error_compensation`` GPTQ picks the
