@@ -15,7 +15,13 @@ import torch
 import quept_hf
 from quept_hf import freeze, get_bits, set_bits
 from quept_hf.calibration.compensation import input_hessians
-from quept_hf.calibration.gptq import SHRINK, InputHessians, compensated_weight_codes, searched_clipping
+from quept_hf.calibration.gptq import (
+    SHRINK,
+    InputHessians,
+    compensated_weight_codes,
+    refit_scales,
+    searched_clipping,
+)
 from quept_hf.inspection import frozen_linears, quept_linears
 from quept_hf.nn.functional import _group_view, fake_quantize_weight, quantize_weight_codes, weight_qparams
 
@@ -117,10 +123,25 @@ def test_grid_search_keeps_each_rows_best_grid():
     errors = torch.stack([row_errors(weight, *result, 32, hessian) for result in candidates])
     best_errors = row_errors(weight, *best, 32, hessian)
     assert (best_errors <= errors.min(dim=0).values * (1 + 1e-5)).all()
-    calibrated_rows = (best[1] == candidates[0][1]).all(dim=1)
+    calibrated_rows = (best[0] == candidates[0][0]).all(dim=1)  # codes: the scales are refit afterwards
     assert not calibrated_rows[:20].any() and calibrated_rows[20:].any()  # the clipped rows moved, not all rows did
     for row in range(40):  # each row is one candidate's GPTQ result, unchanged
         assert any(torch.equal(best[0][row], c[0][row]) for c in candidates) or best_errors[row] < errors[:, row].min()
+
+
+def test_refit_scales_lowers_every_rows_output_error():
+    """Least squares on ``e H e^T`` with the codes fixed: never worse per row, better for most, positive scales."""
+    torch.manual_seed(9)
+    weight = torch.randn(24, 96)
+    x = correlated_inputs(512, 96, seed=10)
+    hessian = 2 * x.T @ x / x.shape[0]
+    logit = torch.full((24, 3), 2.0)
+    codes, scales, zeros = compensated_weight_codes(weight, hessian, 3, logit, logit, 32)
+    refit = refit_scales(weight, codes, scales, zeros, hessian, 32)
+    before = row_errors(weight, codes, scales, zeros, 32, hessian)
+    after = row_errors(weight, codes, refit, zeros, 32, hessian)
+    assert (after <= before * (1 + 1e-5)).all() and (after < 0.99 * before).float().mean() > 0.5
+    assert (refit > 0).all() and refit.shape == scales.shape
 
 
 def test_searched_clipping_minimises_the_importance_weighted_error():

@@ -49,7 +49,8 @@ def compensated_weight_codes(
     ``grid_search``: also run GPTQ on the min/max grid of ``target`` and on its importance-searched clipping
     (`searched_clipping`), and keep, ROW by row, the grid whose codes reproduce the row's outputs best
     (``e H e^T``, exact per row: GPTQ treats rows independently). Scales and zero points stay one pair per
-    (row, group), so the format is unchanged. For an asymmetric grid the search
+    (row, group), so the format is unchanged, and the kept grid's scales are then refit to the chosen codes
+    (`refit_scales`, least squares on ``e H e^T``). For an asymmetric grid the search
     also tries the min/max grid at the step of ``bits - 1`` (`nested_grid`): a weight that already lies on a
     ``bits - 1`` grid (a model distributed quantized, e.g. SmolLM2 from a Q4_1 GGUF) is held by it EXACTLY, where
     the finer ``bits`` grid of the same range re-rounds every weight; for other weights it loses and is not kept.
@@ -77,7 +78,45 @@ def compensated_weight_codes(
         row_error = ((error @ hessian.float()) * error).sum(dim=1).reshape(len(grids), out_features)
         rows = torch.arange(out_features) + out_features * row_error.argmin(dim=0)  # each row's better grid
         codes, scale, zero = codes[rows], scale[rows], zero[rows]
+        scale = refit_scales(target, codes, scale, zero, hessian, group_size)
     return codes.to(torch.uint8), scale, zero
+
+
+def refit_scales(
+    target: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    hessian: torch.Tensor,
+    group_size: int,
+    sweeps: int = 2,
+) -> torch.Tensor:
+    """Scales (out, groups) that reproduce ``target``'s outputs better with the codes and zero points as they are.
+
+    With the codes fixed, each row's output error ``e H e^T`` (``e = w - s_g (c - z)`` per group) is a quadratic in
+    the group scales: exact coordinate descent over the groups (``sweeps`` passes) can only lower it. llama.cpp's
+    importance-matrix quantizer refits each block's scale by weighted least squares after rounding the same way;
+    a GPTQ grid, fixed before the column loop, cannot move by itself. A row whose refit would make a scale
+    non-positive keeps its scales (exporters assume ``s > 0``).
+    """
+    in_features = target.shape[1]
+    width = group_width(in_features, group_size)
+    column_group = torch.arange(in_features) // width
+    h = hessian.float()
+    units = codes.float() - zero.float()[:, column_group]  # (out, in): c - z
+    refit = scale.float().clone()
+    residual = target.float() - refit[:, column_group] * units
+    h_residual = residual @ h
+    for _ in range(sweeps):
+        for group in range(refit.shape[1]):
+            cols = slice(group * width, min((group + 1) * width, in_features))
+            unit = units[:, cols]
+            curvature = ((unit @ h[cols, cols]) * unit).sum(dim=1)
+            step = torch.where(curvature > 0, (unit * h_residual[:, cols]).sum(dim=1) / curvature, 0.0)
+            refit[:, group] += step
+            h_residual -= (step.unsqueeze(1) * unit) @ h[cols, :]
+    keep = (refit > 0).all(dim=1, keepdim=True)
+    return torch.where(keep, refit, scale.float()).to(scale.dtype)
 
 
 def searched_clipping(
