@@ -129,7 +129,7 @@ def compensated(model, smol: common.SmolLM2, folder: Path, rungs: list[str], arg
     """The calibration frozen with error compensation on its own calibration windows (skipped when cached)."""
     widths = sorted({RUNGS[rung] for rung in rungs if rung not in RUNG_GRIDS})
     if not widths or (not args.fresh and all(quept_path(folder, rung, "-comp").is_file() for rung in rungs)):
-        return model  # unused: every file exists, or every rung freezes on a grid of its own (`regridded`)
+        return model  # unused: every file exists, or every rung freezes on a grid of its own (`rung_model`)
     start = time.process_time()
     texts = smol.calib_texts
     frozen = quept_hf.freeze(model, bits=widths, plans=[], error_compensation=texts, tokenizer=smol.tokenizer)
@@ -137,7 +137,7 @@ def compensated(model, smol: common.SmolLM2, folder: Path, rungs: list[str], arg
     return frozen
 
 
-def regridded(model, rung: str, compensation: dict) -> torch.nn.Module:
+def rung_model(model, rung: str, compensation: dict) -> torch.nn.Module:
     """``model`` (elastic or frozen) for ``rung``: where the rung's type has a grid of its own (`RUNG_GRIDS`), the
     elastic model's width frozen onto it (with ``compensation``: GPTQ on that grid), else ``model`` itself."""
     if rung not in RUNG_GRIDS:
@@ -322,13 +322,13 @@ def main() -> None:
     if rungs:
         model, folder = quept_model(smol, args)
         for rung in rungs:
-            made = quept_file(lambda r=rung: regridded(model, r, {}), folder, rung, args)
+            made = quept_file(lambda r=rung: rung_model(model, r, {}), folder, rung, args)
             entries.append(Entry("QuEPT", rung, made, RUNGS[rung]))
         if not args.no_compensation:
             frozen = compensated(model, smol, folder, rungs, args)
             comp = {"error_compensation": smol.calib_texts, "tokenizer": smol.tokenizer}
             for rung in rungs:
-                source = (lambda r=rung: regridded(model, r, comp)) if rung in RUNG_GRIDS else (lambda: frozen)
+                source = (lambda r=rung: rung_model(model, r, comp)) if rung in RUNG_GRIDS else (lambda: frozen)
                 entries.append(Entry("QuEPT+comp", rung, quept_file(source, folder, rung, args, "-comp"), RUNGS[rung]))
         del model
     rows = [measure(e, tools, heldout, args) for e in tqdm(entries, desc="llama-perplexity + llama-bench")]

@@ -130,6 +130,30 @@ def _group_size_key(key: Any) -> int | None:
     return None
 
 
+def zero_point_kinds(zero_point: Any, bits: list[int], field: str = "QuEPTConfig.zero_point") -> dict[int, str]:
+    """``{bits: kind}`` that a ``zero_point`` value names: a kind applies to every width of ``bits``, a mapping
+    names some (JSON's string keys allowed), ``None`` none; each kind one of `ZERO_POINTS`. One reading of the
+    value for `QuEPTConfig` (the unnamed widths stay ``"integer"``) and `quept_hf.freeze` (they keep their grid);
+    a bad value is refused naming ``field``."""
+
+    def refuse(allowed: str) -> NoReturn:
+        raise ValueError(f"{field}={zero_point!r} is not allowed: {allowed}")
+
+    if zero_point is None:
+        return {}
+    if isinstance(zero_point, str):
+        kinds = dict.fromkeys(bits, zero_point)
+    elif isinstance(zero_point, dict):
+        kinds = {_group_size_key(b): z for b, z in zero_point.items()}
+        if None in kinds or any(b not in bits for b in kinds):
+            refuse(f"keys must be bit-widths of bits={bits} (kinds {ZERO_POINTS})")
+    else:
+        refuse(f"expected one of {ZERO_POINTS}, a dict {{bits: kind}} or None")
+    if any(not isinstance(kind, str) or kind not in ZERO_POINTS for kind in kinds.values()):
+        refuse(f"each kind must be one of {ZERO_POINTS}")
+    return kinds
+
+
 class QuEPTConfig(QuantizationConfigMixin):
     """Configuration of a QuEPT elastic-precision model.
 
@@ -368,17 +392,9 @@ class QuEPTConfig(QuantizationConfigMixin):
         return {b: sizes[b] for b in self.bits}
 
     def _normalise_zero_point(self, zero_point: Any) -> dict[int, str]:
-        """``{bits: kind}`` for exactly this config's bit-widths: a string applies to all, a mapping names some
-        (JSON's string keys allowed; the others stay ``"integer"``). The kinds themselves are checked by
-        `_check_switches`."""
-        if zero_point is None or isinstance(zero_point, str):
-            return dict.fromkeys(self.bits, zero_point or "integer")
-        if not isinstance(zero_point, dict):
-            _refuse("zero_point", zero_point, f"expected one of {ZERO_POINTS}, a dict {{bits: kind}} or None")
-        kinds = {_group_size_key(b): z for b, z in zero_point.items()}
-        if None in kinds or any(b not in self.bits for b in kinds):
-            _refuse("zero_point", zero_point, f"keys must be bit-widths of bits={self.bits}")
-        return {b: kinds.get(b, "integer") for b in self.bits}
+        """``{bits: kind}`` for exactly this config's bit-widths (`zero_point_kinds`; the unnamed stay integer)."""
+        named = zero_point_kinds(zero_point, self.bits)
+        return {b: named.get(b, "integer") for b in self.bits}
 
     @staticmethod
     def _module_names(names: Any) -> list[str]:

@@ -22,14 +22,22 @@ from torch import nn
 
 from ..calibration.compensation import input_hessians
 from ..compat import unwrap
-from ..config import FORMAT_VERSION, FROZEN_FORMAT, FROZEN_VERSION, MAX_BITS, MIN_BITS, QuEPTConfig, quept_config
+from ..config import (
+    FORMAT_VERSION,
+    FROZEN_FORMAT,
+    FROZEN_VERSION,
+    MAX_BITS,
+    MIN_BITS,
+    QuEPTConfig,
+    quept_config,
+    zero_point_kinds,
+)
 from ..inspection import base_state_dict
 from ..nn.functional import quantize_weight_codes
 from .codec import pack
 from .frozen import FrozenLinear
 from .plan import (
     QuantizedLinear,
-    check_regrid,
     quantize_layers,
     refuse_offloaded,
     regridded,
@@ -211,7 +219,7 @@ def freeze(
     _check_head_bits(head_bits)
     refuse_offloaded(model, "freeze")
     uniform, plan_maps, kept = kept_widths(model, bits, plans)
-    regrid = check_regrid(zero_point, sorted({b for w in kept.values() for b in w}))
+    regrid = zero_point_kinds(zero_point, sorted({b for w in kept.values() for b in w}), "freeze: zero_point")
     by_width: dict[str, dict[int, QuantizedLinear]] = {module: {} for module in kept}
     compensation = (error_compensation, tokenizer, error_compensation_bits)
     with regridded(model, regrid):

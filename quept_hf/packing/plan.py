@@ -16,15 +16,14 @@ from torch import nn
 
 from ..calibration.gptq import compensated_weight_codes
 from ..compat import unwrap
-from ..config import MAX_BITS, MIN_BITS, ZERO_POINTS, QuEPTConfig, quept_config
+from ..config import MAX_BITS, MIN_BITS, QuEPTConfig, quept_config
 from ..inspection import elastic_adapter, quept_linears
 from ..mbclora.layer import MBCLoRALayer
 from ..naming import FLOAT_BITS, bits_of_adapter_name
 from ..nn import QuEPTLinear, quantize_weight_codes
 
 __all__ = [
-    "BitsOrPlan", "QuantizedLinear", "check_regrid", "check_target", "quantize_layers", "regridded", "resolve_plan",
-    "stored_plans",
+    "BitsOrPlan", "QuantizedLinear", "check_target", "quantize_layers", "regridded", "resolve_plan", "stored_plans",
 ]  # fmt: skip
 
 BitsOrPlan = int | str | Mapping[str, int]
@@ -141,20 +140,6 @@ def quantize_layers(
         name: _quantize(layers[name], adapters.get(id(layers[name])), bits, hessians.get(name))
         for name, bits in plan.items()
     }
-
-
-def check_regrid(zero_point: object, widths: list[int], what: str = "freeze") -> dict[int, str]:
-    """``{bits: kind}`` of a ``zero_point=`` argument (a kind for every width, or ``{bits: kind}`` for some of
-    ``widths``), checked against `quept_hf.config.ZERO_POINTS`; ``None`` gives ``{}`` (the calibrated grids)."""
-    if zero_point is None:
-        return {}
-    kinds = dict.fromkeys(widths, zero_point) if isinstance(zero_point, str) else zero_point
-    if not isinstance(kinds, Mapping) or any(b not in widths or k not in ZERO_POINTS for b, k in kinds.items()):
-        raise ValueError(
-            f"{what}: zero_point={zero_point!r}; allowed: None, one of {ZERO_POINTS}, or {{bits: kind}} for kept "
-            f"bit-widths {widths}, e.g. {{4: 'symmetric'}}"
-        )
-    return dict(kinds)
 
 
 @contextlib.contextmanager

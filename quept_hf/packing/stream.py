@@ -35,6 +35,7 @@ from transformers.utils.logging import tqdm
 from ..atomic import staged_folder
 from ..calibration.offload import each_onloaded, loaded_on_cpu, stored_tensor
 from ..compat import unwrap
+from ..config import zero_point_kinds
 from ..models import architecture_for
 from ..nn import QuEPTLinear
 from ..serialization import format_record
@@ -47,7 +48,7 @@ from .freeze import (
     frozen_config,
     kept_widths,
 )
-from .plan import QuantizedLinear, check_regrid, quantize_layers, regridded
+from .plan import QuantizedLinear, quantize_layers, regridded
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def save_frozen(
     config = base.config.quantization_config
     _check_head_bits(head_bits)
     uniform, plan_maps, kept = kept_widths(model, bits, plans)
-    regrid = check_regrid(zero_point, sorted({b for w in kept.values() for b in w}), "save_frozen")
+    regrid = zero_point_kinds(zero_point, sorted({b for w in kept.values() for b in w}), "save_frozen: zero_point")
     per_tensor = _per_tensor(base, kept)
     description = frozen_config(config, uniform, plan_maps, kept, per_tensor, regrid)
     hf_config = type(base.config).from_dict(base.config.to_dict())
